@@ -1,0 +1,14 @@
+"""chunkkv: ChunkKV KV-cache compression with layer-wise index reuse, in C.
+
+Core ops (NumPy arrays or torch tensors, zero-copy through DLPack):
+    select, gather, compact_, compress, score
+transformers integration:
+    patch, unpatch
+"""
+from .ops import (build_info, compact_, compress, gather, get_num_threads, methods, score, select,
+                  set_num_threads)
+
+__version__ = "0.1.0"
+
+__all__ = ["build_info", "compact_", "compress", "gather", "get_num_threads", "methods", "score", "select",
+           "set_num_threads", "__version__"]

@@ -1,0 +1,206 @@
+"""The core ops on NumPy arrays and torch tensors, through DLPack.
+
+Each function checks the Python-level types, allocates its outputs in the
+caller's framework and on the caller's device, hands every tensor to the C
+core as a DLPack capsule (no copy), and returns the outputs. Values and
+shapes are checked once, in C; a bad one raises ValueError or TypeError
+naming the argument.
+
+Dimension letters: B batch, Hq/Hkv query/KV heads, w window, L tokens,
+D head dim, n kept tokens = min(budget, L).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _C
+
+Tensor = Any  # a numpy.ndarray, a torch.Tensor, or anything with __dlpack__
+
+#: name -> (C enum value, one-line description). Methods are appended, never renumbered.
+_CORE_METHODS = {
+    "chunkkv": (0, "ChunkKV (paper): whole chunks of c tokens ranked by window attention, exact budget."),
+    "snapkv": (1, "SnapKV: per-token top-k of pooled window attention, plus the window."),
+    "streamingllm": (2, "StreamingLLM: the first n_sink tokens and the most recent ones."),
+    "random": (3, "Random prefix tokens plus the window: a floor for comparisons."),
+}
+
+_INT64_MAX = 2**63 - 1
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _check_tensor(x: Any, name: str) -> None:
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(
+            f"{name}: expected a torch.Tensor, a numpy.ndarray or an object with __dlpack__, got {type(x).__name__}")
+
+
+def _stream_of(x: Any) -> Optional[int]:
+    """The CUDA stream the caller is on, for a torch CUDA tensor (None elsewhere)."""
+    if _is_torch(x) and x.device.type == "cuda":
+        import torch
+
+        return torch.cuda.current_stream(x.device).cuda_stream
+    return None
+
+
+def _export(x: Any, name: str) -> Any:
+    """A DLPack capsule of x: versioned (1.x) when the producer offers it, else legacy."""
+    _check_tensor(x, name)
+    if _is_torch(x):
+        x = x.detach()
+    stream = _stream_of(x)
+    try:
+        return x.__dlpack__(stream=stream, max_version=(1, 0))
+    except TypeError:  # a producer that predates max_version
+        return x.__dlpack__(stream=stream) if stream is not None else x.__dlpack__()
+
+
+def _empty_like_kind(ref: Any, shape: Tuple[int, ...], dtype: str) -> Any:
+    """An uninitialised output in ref's framework and on ref's device ("float32", "int64" or "same")."""
+    if _is_torch(ref):
+        import torch
+
+        dt = {"float32": torch.float32, "int64": torch.int64, "same": ref.dtype}[dtype]
+        return torch.empty(shape, dtype=dt, device=ref.device)
+    if dtype == "same":
+        dt = np.from_dlpack(ref).dtype if not isinstance(ref, np.ndarray) else ref.dtype
+    else:
+        dt = np.dtype(dtype)
+    return np.empty(shape, dtype=dt)
+
+
+def _int_arg(value: Any, name: str, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if not -_INT64_MAX <= value <= _INT64_MAX:
+        raise ValueError(f"{name}: {value} does not fit in 64 bits")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _scale_arg(scale: Optional[float], name: str = "scale") -> float:
+    if scale is None:
+        return 0.0  # the core uses 1/sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
+        raise TypeError(f"{name}: expected a float or None, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)) or float(scale) == 0.0:
+        raise ValueError(f"{name}: expected a finite non-zero float, got {scale}")
+    return float(scale)
+
+
+def _shape(x: Any, name: str, ndim: int) -> Tuple[int, ...]:
+    shape = tuple(int(s) for s in x.shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(shape)}")
+    return shape
+
+
+def methods() -> dict[str, str]:
+    """The selection methods the C core runs, each with a one-line description."""
+    return {name: desc for name, (_, desc) in _CORE_METHODS.items()}
+
+
+def set_num_threads(n: int) -> None:
+    """CPU threads the kernels use; n <= 0 restores the default (CHUNKKV_NUM_THREADS, then OMP_NUM_THREADS, then all cores)."""
+    _C.set_num_threads(_int_arg(n, "n"))
+
+
+def get_num_threads() -> int:
+    """CPU threads the kernels use now."""
+    return int(_C.get_num_threads())
+
+
+def build_info() -> dict[str, Any]:
+    """What this build of the C core has: version, "cuda", "openmp", "simd" level, and the thread count."""
+    info = dict(_C.build_info())
+    info["threads"] = get_num_threads()
+    return info
+
+
+def score(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None) -> Tensor:
+    """Token scores: summed causal window attention, float32 [B, Hkv, L - w].
+
+    queries [B, Hq, w, D] (RoPE applied), keys [B, Hkv, L, D]; scale defaults to 1/sqrt(D).
+    """
+    qs, ks = _shape(queries, "queries", 4), _shape(keys, "keys", 4)
+    out = _empty_like_kind(keys, (ks[0], ks[1], max(ks[2] - qs[2], 0)), "float32")
+    _C.score(_export(queries, "queries"), _export(keys, "keys"), _export(out, "scores"), _scale_arg(scale))
+    return out
+
+
+def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, scale: Optional[float] = None,
+           per_head: bool = False, method: str = "chunkkv", pool_kernel: int = 1, pool: str = "avg",
+           n_sink: int = 4, seed: int = 0) -> Tensor:
+    """Positions to keep, int64 [B, n] (or [B, Hkv, n] with per_head), sorted, n = min(budget, L).
+
+    queries [B, Hq, w, D]: the last w prompt queries (RoPE applied); keys [B, Hkv, L, D].
+    budget counts kept tokens per row, window included (budget >= w). chunk_size applies to
+    "chunkkv"; pool_kernel and pool ("avg" or "max") to "snapkv"; n_sink to "streamingllm";
+    seed to "random".
+    """
+    if method not in _CORE_METHODS:
+        raise ValueError(f"method: expected one of {sorted(_CORE_METHODS)}, got {method!r}")
+    if pool not in ("avg", "max"):
+        raise ValueError(f"pool: expected 'avg' or 'max', got {pool!r}")
+    if not isinstance(per_head, (bool, np.bool_)):
+        raise TypeError(f"per_head: expected a bool, got {type(per_head).__name__}")
+    qs, ks = _shape(queries, "queries", 4), _shape(keys, "keys", 4)
+    budget = _int_arg(budget, "budget")
+    n = max(0, min(budget, ks[2]))
+    shape = (ks[0], ks[1], n) if per_head else (ks[0], n)
+    out = _empty_like_kind(keys, shape, "int64")
+    _C.select(_export(queries, "queries"), _export(keys, "keys"), _export(out, "indices"),
+              method=_CORE_METHODS[method][0], budget=budget, chunk_size=_int_arg(chunk_size, "chunk_size"),
+              scale=_scale_arg(scale), per_head=bool(per_head), pool_kernel=_int_arg(pool_kernel, "pool_kernel"),
+              pool_max=pool == "max", n_sink=_int_arg(n_sink, "n_sink"), seed=_int_arg(seed, "seed", 0) & (2**64 - 1),
+              stream=_stream_of(keys) or 0)
+    return out
+
+
+def gather(keys: Tensor, values: Tensor, indices: Tensor, *,
+           out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+    """Kept rows: (keys[b, g, idx], values[b, g, idx]), each [B, Hkv, n, D].
+
+    indices [B, n] (shared by all KV heads) or [B, Hkv, n], int64 in [0, L). With out=(k_out, v_out)
+    the rows are written into those buffers (any strides, exact shape) and they are returned.
+    """
+    ks = _shape(keys, "keys", 4)
+    _check_tensor(indices, "indices")
+    n = int(indices.shape[-1]) if len(indices.shape) in (2, 3) else 0
+    if out is None:
+        out = (_empty_like_kind(keys, (ks[0], ks[1], n, ks[3]), "same"),
+               _empty_like_kind(values, (ks[0], ks[1], n, ks[3]), "same"))
+    elif not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError("out: expected a pair (keys_out, values_out)")
+    _C.gather(_export(keys, "keys"), _export(values, "values"), _export(indices, "indices"),
+              _export(out[0], "keys_out"), _export(out[1], "values_out"), stream=_stream_of(keys) or 0)
+    return out[0], out[1]
+
+
+def compact_(keys: Tensor, values: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
+    """Move the kept rows to the front of keys and values in place (no allocation).
+
+    Each row of indices must be strictly increasing (as select returns them). Returns the views
+    keys[:, :, :n] and values[:, :, :n].
+    """
+    _check_tensor(indices, "indices")
+    n = int(indices.shape[-1])
+    k_view, v_view = keys[:, :, :n], values[:, :, :n]
+    return gather(keys, values, indices, out=(k_view, v_view))
+
+
+def compress(queries: Tensor, keys: Tensor, values: Tensor, *, budget: int,
+             **select_args: Any) -> Tuple[Tensor, Tensor, Tensor]:
+    """select() then gather(): (keys_kept, values_kept, indices). Keyword arguments as in select()."""
+    idx = select(queries, keys, budget=budget, **select_args)
+    k, v = gather(keys, values, idx)
+    return k, v, idx

@@ -1,0 +1,420 @@
+/*
+ * ops.c -- the public ops: check every argument once, size the scratch, and
+ * hand trusted views to a backend (cpu/ or cuda/). Kernels check nothing.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "core.h"
+#include "cpu/simd.h"
+
+/* ---------------------------------------------------------------- errors */
+
+static _Thread_local char last_error[512];
+
+ckv_status ckv_fail(ckv_status status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+const char *ckv_last_error(void) { return last_error; }
+
+/* ---------------------------------------------------------------- threads */
+
+static int requested_threads; /* 0: default */
+
+void ckv_set_num_threads(int n) { requested_threads = n > 0 ? n : 0; }
+
+int ckv_threads(void) {
+    if (requested_threads > 0)
+        return requested_threads;
+    const char *env = getenv("CHUNKKV_NUM_THREADS");
+    if (env) {
+        long v = strtol(env, NULL, 10);
+        if (v > 0 && v < 4096)
+            return (int)v;
+    }
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int ckv_get_num_threads(void) { return ckv_threads(); }
+
+/* ---------------------------------------------------------------- build facts */
+
+int ckv_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int ckv_has_cuda(void) {
+#ifdef CKV_WITH_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+const char *ckv_simd_level(void) { return ckv_cpu_simd_level(); }
+
+/* ---------------------------------------------------------------- small helpers */
+
+size_t ckv_itemsize(ckv_dtype dtype) {
+    switch (dtype) {
+    case CKV_DTYPE_F32: return 4;
+    case CKV_DTYPE_F16: return 2;
+    case CKV_DTYPE_BF16: return 2;
+    case CKV_DTYPE_I64: return 8;
+    }
+    return 1;
+}
+
+static const char *dtype_name(ckv_dtype dtype) {
+    switch (dtype) {
+    case CKV_DTYPE_F32: return "float32";
+    case CKV_DTYPE_F16: return "float16";
+    case CKV_DTYPE_BF16: return "bfloat16";
+    case CKV_DTYPE_I64: return "int64";
+    }
+    return "unknown";
+}
+
+int64_t ckv_kept_count(int64_t budget, int64_t L) { return budget < L ? budget : L; }
+
+void ckv_select_params_init(ckv_select_params *p) {
+    memset(p, 0, sizeof *p);
+    p->method = CKV_METHOD_CHUNKKV;
+    p->chunk_size = 10;
+    p->pool_kernel = 1;
+    p->n_sink = 4;
+}
+
+/* Largest dimension the core takes: keeps every size product far from overflow. */
+#define CKV_MAX_DIM ((int64_t)1 << 31)
+
+static ckv_status check_view(const char *op, const char *name, const ckv_tensor *t, int ndim) {
+    if (!t)
+        return ckv_fail(CKV_ERR_VALUE, "%s: %s is missing", op, name);
+    if (t->ndim != ndim)
+        return ckv_fail(CKV_ERR_SHAPE, "%s: %s must have %d dimensions, got %d", op, name, ndim, t->ndim);
+    for (int i = 0; i < ndim; i++)
+        if (t->shape[i] < 0 || t->shape[i] >= CKV_MAX_DIM)
+            return ckv_fail(CKV_ERR_SHAPE, "%s: %s dimension %d has size %lld, expected 0 <= size < 2^31", op, name,
+                            i, (long long)t->shape[i]);
+    return CKV_OK;
+}
+
+static ckv_status check_float(const char *op, const char *name, const ckv_tensor *t) {
+    if (t->dtype != CKV_DTYPE_F32 && t->dtype != CKV_DTYPE_F16 && t->dtype != CKV_DTYPE_BF16)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: %s must be float32, float16 or bfloat16, got %s", op, name,
+                        dtype_name(t->dtype));
+    return CKV_OK;
+}
+
+static ckv_status check_same_device(const char *op, const char *name, const ckv_tensor *t, const ckv_tensor *ref,
+                                    const char *ref_name) {
+    if (t->device != ref->device || t->device_id != ref->device_id)
+        return ckv_fail(CKV_ERR_DEVICE, "%s: %s is on %s:%d but %s is on %s:%d; expected one device", op, name,
+                        t->device == CKV_DEVICE_CUDA ? "cuda" : "cpu", t->device_id, ref_name,
+                        ref->device == CKV_DEVICE_CUDA ? "cuda" : "cpu", ref->device_id);
+    return CKV_OK;
+}
+
+static ckv_status check_backend(const char *op, const ckv_tensor *t) {
+    if (t->device == CKV_DEVICE_CPU)
+        return CKV_OK;
+#ifdef CKV_WITH_CUDA
+    if (t->device == CKV_DEVICE_CUDA)
+        return CKV_OK;
+#endif
+    return ckv_fail(CKV_ERR_DEVICE, "%s: tensors on %s are not supported by this build (it has: cpu%s)", op,
+                    t->device == CKV_DEVICE_CUDA ? "cuda" : "this device", ckv_has_cuda() ? ", cuda" : "");
+}
+
+/* An output must be exactly [shape] and C-contiguous. */
+static ckv_status check_contiguous_out(const char *op, const char *name, const ckv_tensor *t) {
+    int64_t expect = 1;
+    for (int i = t->ndim - 1; i >= 0; i--) {
+        if (t->shape[i] > 1 && t->strides[i] != expect)
+            return ckv_fail(CKV_ERR_LAYOUT, "%s: %s must be C-contiguous", op, name);
+        expect *= t->shape[i];
+    }
+    return CKV_OK;
+}
+
+static int64_t numel(const ckv_tensor *t) {
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++)
+        n *= t->shape[i];
+    return n;
+}
+
+/* Queries and keys for scoring: [B, Hq, w, D] and [B, Hkv, L, D]. */
+static ckv_status check_queries_keys(const char *op, const ckv_tensor *q, const ckv_tensor *k) {
+    ckv_status st;
+    if ((st = check_view(op, "queries", q, 4)) || (st = check_view(op, "keys", k, 4)))
+        return st;
+    if ((st = check_float(op, "queries", q)) || (st = check_float(op, "keys", k)))
+        return st;
+    if ((st = check_same_device(op, "keys", k, q, "queries")) || (st = check_backend(op, q)))
+        return st;
+    const int64_t B = k->shape[0], Hkv = k->shape[1], L = k->shape[2], D = k->shape[3];
+    const int64_t Hq = q->shape[1], w = q->shape[2];
+    if (q->shape[0] != B)
+        return ckv_fail(CKV_ERR_SHAPE, "%s: queries batch %lld must equal keys batch %lld", op,
+                        (long long)q->shape[0], (long long)B);
+    if (q->shape[3] != D)
+        return ckv_fail(CKV_ERR_SHAPE, "%s: queries head dim %lld must equal keys head dim %lld", op,
+                        (long long)q->shape[3], (long long)D);
+    if (Hkv < 1 || Hq < 1 || Hq % Hkv != 0)
+        return ckv_fail(CKV_ERR_SHAPE,
+                        "%s: query heads (%lld) must be a positive multiple of key heads (%lld)", op,
+                        (long long)Hq, (long long)Hkv);
+    if (D < 1)
+        return ckv_fail(CKV_ERR_SHAPE, "%s: head dim must be >= 1, got %lld", op, (long long)D);
+    if (w < 1 || w > L)
+        return ckv_fail(CKV_ERR_SHAPE, "%s: window w = queries.shape[2] = %lld must be in [1, L = %lld]", op,
+                        (long long)w, (long long)L);
+    /* per-thread scoring scratch is (Hq/Hkv * w) x (L + D) floats */
+    if ((Hq / Hkv) * w > (int64_t)1 << 24 || L > (int64_t)1 << 28)
+        return ckv_fail(CKV_ERR_SHAPE, "%s: window x group (%lld) or L (%lld) too large for scoring scratch", op,
+                        (long long)((Hq / Hkv) * w), (long long)L);
+    return CKV_OK;
+}
+
+static float resolve_scale(float scale, int64_t D) { return scale != 0.0f ? scale : 1.0f / sqrtf((float)D); }
+
+/* ---------------------------------------------------------------- ckv_score */
+
+static ckv_status score_on_device(const ckv_tensor *q, const ckv_tensor *k, float scale, float *scores,
+                                  void *stream) {
+#ifdef CKV_WITH_CUDA
+    if (q->device == CKV_DEVICE_CUDA)
+        return ckv_score_cuda(q, k, scale, scores, stream);
+#endif
+    (void)stream;
+    return ckv_score_cpu(q, k, scale, scores);
+}
+
+ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, ckv_tensor *scores) {
+    static const char op[] = "ckv_score";
+    ckv_status st;
+    if ((st = check_queries_keys(op, q, k)) || (st = check_view(op, "scores", scores, 3)))
+        return st;
+    if (!isfinite(scale))
+        return ckv_fail(CKV_ERR_VALUE, "%s: scale must be finite", op);
+    const int64_t P = k->shape[2] - q->shape[2];
+    if (scores->dtype != CKV_DTYPE_F32)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: scores must be float32, got %s", op, dtype_name(scores->dtype));
+    if (scores->shape[0] != k->shape[0] || scores->shape[1] != k->shape[1] || scores->shape[2] != P)
+        return ckv_fail(CKV_ERR_SHAPE, "%s: scores must have shape [B, Hkv, P] = [%lld, %lld, %lld]", op,
+                        (long long)k->shape[0], (long long)k->shape[1], (long long)P);
+    if ((st = check_same_device(op, "scores", scores, q, "queries")) || (st = check_contiguous_out(op, "scores", scores)))
+        return st;
+    if (numel(scores) == 0)
+        return CKV_OK;
+    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), (float *)scores->data, NULL);
+}
+
+/* ---------------------------------------------------------------- ckv_select */
+
+static int method_needs_scores(ckv_method m) { return m == CKV_METHOD_CHUNKKV || m == CKV_METHOD_SNAPKV; }
+
+static ckv_status check_params(const char *op, const ckv_select_params *p, int64_t w) {
+    if (!p)
+        return ckv_fail(CKV_ERR_VALUE, "%s: params is missing", op);
+    if ((int)p->method < CKV_METHOD_CHUNKKV || (int)p->method > CKV_METHOD_RANDOM)
+        return ckv_fail(CKV_ERR_VALUE, "%s: unknown method %d", op, (int)p->method);
+    if (p->budget < w)
+        return ckv_fail(CKV_ERR_VALUE, "%s: budget (%lld) must be >= the window w (%lld): the window is always kept",
+                        op, (long long)p->budget, (long long)w);
+    if (p->chunk_size < 1)
+        return ckv_fail(CKV_ERR_VALUE, "%s: chunk_size must be >= 1, got %lld", op, (long long)p->chunk_size);
+    if (!isfinite(p->scale))
+        return ckv_fail(CKV_ERR_VALUE, "%s: scale must be finite", op);
+    if (p->method == CKV_METHOD_SNAPKV && (p->pool_kernel < 1 || p->pool_kernel % 2 == 0))
+        return ckv_fail(CKV_ERR_VALUE, "%s: pool kernel must be a positive odd number, got %lld", op,
+                        (long long)p->pool_kernel);
+    if (p->n_sink < 0)
+        return ckv_fail(CKV_ERR_VALUE, "%s: n_sink must be >= 0, got %lld", op, (long long)p->n_sink);
+    return CKV_OK;
+}
+
+/* Sum the KV-head rows of scores [B, H, P] into [B, P] (the first B*P floats), in head order. */
+static void sum_heads(float *scores, int64_t B, int64_t H, int64_t P) {
+    for (int64_t b = 0; b < B; b++) {
+        float *acc = scores + b * H * P;
+        for (int64_t g = 1; g < H; g++)
+            for (int64_t j = 0; j < P; j++)
+                acc[j] += acc[g * P + j];
+        memmove(scores + b * P, acc, (size_t)P * sizeof(float));
+    }
+}
+
+ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select_params *params,
+                      ckv_tensor *indices) {
+    static const char op[] = "ckv_select";
+    ckv_status st;
+    if ((st = check_queries_keys(op, q, k)) || (st = check_params(op, params, q->shape[2])))
+        return st;
+    const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2], P = L - q->shape[2];
+    const int64_t n = ckv_kept_count(params->budget, L);
+    const int per_head = params->per_head != 0;
+    if ((st = check_view(op, "indices", indices, per_head ? 3 : 2)))
+        return st;
+    if (indices->dtype != CKV_DTYPE_I64)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: indices must be int64, got %s", op, dtype_name(indices->dtype));
+    if (indices->shape[0] != B || (per_head && indices->shape[1] != H) || indices->shape[indices->ndim - 1] != n) {
+        if (per_head)
+            return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B, Hkv, n] = [%lld, %lld, %lld]", op,
+                            (long long)B, (long long)H, (long long)n);
+        return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B, n] = [%lld, %lld]", op, (long long)B,
+                        (long long)n);
+    }
+    if ((st = check_same_device(op, "indices", indices, q, "queries")) ||
+        (st = check_contiguous_out(op, "indices", indices)))
+        return st;
+    if (numel(indices) == 0)
+        return CKV_OK;
+    const int64_t rows = per_head ? B * H : B;
+
+#ifdef CKV_WITH_CUDA
+    if (q->device == CKV_DEVICE_CUDA)
+        return ckv_select_cuda(q, k, params, resolve_scale(params->scale, k->shape[3]), (int64_t *)indices->data);
+#endif
+    float *scores = NULL;
+    if (params->budget < L && method_needs_scores(params->method) && P > 0) {
+        scores = malloc((size_t)(B * H * P) * sizeof(float));
+        if (!scores)
+            return ckv_fail(CKV_ERR_NOMEM, "%s: could not allocate %lld token scores", op, (long long)(B * H * P));
+        st = ckv_score_cpu(q, k, resolve_scale(params->scale, k->shape[3]), scores);
+        if (st == CKV_OK && !per_head)
+            sum_heads(scores, B, H, P);
+        for (int64_t j = 0; st == CKV_OK && j < rows * P; j++)
+            if (!isfinite(scores[j]))
+                st = ckv_fail(CKV_ERR_VALUE, "%s: token scores are not finite (NaN or Inf in queries or keys)", op);
+    }
+    if (st == CKV_OK)
+        st = ckv_select_rows_cpu(scores, rows, P, L, params, (int64_t *)indices->data);
+    free(scores);
+    return st;
+}
+
+/* ---------------------------------------------------------------- ckv_gather */
+
+static int same_view(const ckv_tensor *a, const ckv_tensor *b) {
+    if (a->data != b->data)
+        return 0;
+    for (int i = 0; i < 4; i++)
+        if (a->strides[i] != b->strides[i])
+            return 0;
+    return 1;
+}
+
+static ckv_status check_gather_out(const char *op, const char *name, const ckv_tensor *out, const ckv_tensor *src,
+                                   int64_t n) {
+    ckv_status st;
+    if ((st = check_view(op, name, out, 4)))
+        return st;
+    if (out->dtype != src->dtype)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: %s must have the dtype of its input (%s), got %s", op, name,
+                        dtype_name(src->dtype), dtype_name(out->dtype));
+    if (out->shape[0] != src->shape[0] || out->shape[1] != src->shape[1] || out->shape[2] != n ||
+        out->shape[3] != src->shape[3])
+        return ckv_fail(CKV_ERR_SHAPE, "%s: %s must have shape [B, Hkv, n, D] = [%lld, %lld, %lld, %lld]", op, name,
+                        (long long)src->shape[0], (long long)src->shape[1], (long long)n, (long long)src->shape[3]);
+    for (int i = 0; i < 4; i++)
+        if (out->shape[i] > 1 && out->strides[i] == 0)
+            return ckv_fail(CKV_ERR_LAYOUT, "%s: %s has a zero stride in dimension %d: rows would overwrite each other",
+                            op, name, i);
+    return check_same_device(op, name, out, src, "keys");
+}
+
+/* Every index in [0, L); rows strictly increasing when compacting in place. */
+static ckv_status check_indices_cpu(const char *op, const ckv_tensor *idx, int64_t L, int need_increasing) {
+    const int64_t n = idx->shape[idx->ndim - 1];
+    const int64_t outer = idx->ndim == 3 ? idx->shape[0] * idx->shape[1] : idx->shape[0];
+    const int64_t H = idx->ndim == 3 ? idx->shape[1] : 1;
+    const int64_t *base = (const int64_t *)idx->data;
+    for (int64_t o = 0; o < outer; o++) {
+        const int64_t *row = base + (o / H) * idx->strides[0] + (idx->ndim == 3 ? (o % H) * idx->strides[1] : 0);
+        const int64_t s = idx->strides[idx->ndim - 1];
+        for (int64_t t = 0; t < n; t++) {
+            const int64_t v = row[t * s];
+            if (v < 0 || v >= L)
+                return ckv_fail(CKV_ERR_VALUE, "%s: indices must be in [0, L = %lld), found %lld", op, (long long)L,
+                                (long long)v);
+            if (need_increasing && t > 0 && v <= row[(t - 1) * s])
+                return ckv_fail(CKV_ERR_VALUE,
+                                "%s: in-place compaction needs strictly increasing indices in every row", op);
+        }
+    }
+    return CKV_OK;
+}
+
+static ckv_status gather_on_device(const ckv_tensor *src, const ckv_tensor *idx, ckv_tensor *dst, void *stream) {
+#ifdef CKV_WITH_CUDA
+    if (src->device == CKV_DEVICE_CUDA)
+        return ckv_gather_cuda(src, idx, dst, stream);
+#endif
+    (void)stream;
+    return ckv_gather_cpu(src, idx, dst);
+}
+
+ckv_status ckv_gather(const ckv_tensor *keys, const ckv_tensor *values, const ckv_tensor *indices,
+                      ckv_tensor *keys_out, ckv_tensor *values_out, void *stream) {
+    static const char op[] = "ckv_gather";
+    ckv_status st;
+    if ((st = check_view(op, "keys", keys, 4)) || (st = check_view(op, "values", values, 4)))
+        return st;
+    if ((st = check_float(op, "keys", keys)) || (st = check_float(op, "values", values)))
+        return st;
+    for (int i = 0; i < 4; i++)
+        if (keys->shape[i] != values->shape[i])
+            return ckv_fail(CKV_ERR_SHAPE, "%s: values must have the shape of keys; dimension %d is %lld, not %lld", op,
+                            i, (long long)values->shape[i], (long long)keys->shape[i]);
+    if ((st = check_same_device(op, "values", values, keys, "keys")) || (st = check_backend(op, keys)))
+        return st;
+    if (!indices || (indices->ndim != 2 && indices->ndim != 3))
+        return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have 2 dimensions [B, n] or 3 [B, Hkv, n], got %d", op,
+                        indices ? indices->ndim : -1);
+    if ((st = check_view(op, "indices", indices, indices->ndim)))
+        return st;
+    if (indices->dtype != CKV_DTYPE_I64)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: indices must be int64, got %s", op, dtype_name(indices->dtype));
+    if ((st = check_same_device(op, "indices", indices, keys, "keys")))
+        return st;
+    const int64_t B = keys->shape[0], H = keys->shape[1], L = keys->shape[2];
+    const int64_t n = indices->shape[indices->ndim - 1];
+    if (indices->shape[0] != B || (indices->ndim == 3 && indices->shape[1] != H))
+        return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B = %lld, n] or [B, Hkv = %lld, n]", op,
+                        (long long)B, (long long)H);
+    if ((st = check_gather_out(op, "keys_out", keys_out, keys, n)) ||
+        (st = check_gather_out(op, "values_out", values_out, values, n)))
+        return st;
+    if (keys_out->data && keys_out->data == values_out->data && numel(keys_out) > 0)
+        return ckv_fail(CKV_ERR_LAYOUT, "%s: keys_out and values_out must not share memory", op);
+    if (numel(keys_out) == 0)
+        return CKV_OK;
+    const int in_place = same_view(keys, keys_out) || same_view(values, values_out);
+    if (keys->device == CKV_DEVICE_CPU && (st = check_indices_cpu(op, indices, L, in_place)))
+        return st;
+    if ((st = gather_on_device(keys, indices, keys_out, stream)))
+        return st;
+    return gather_on_device(values, indices, values_out, stream);
+}

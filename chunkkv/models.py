@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -391,12 +392,31 @@ def _load_gguf(
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=name,
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True),
             dtype=dtype,
             attn_implementation=attn_implementation,
             local_files_only=True,
         )
+    _forget_gguf_quantizer(model)
     model.eval()
     return model, tokenizer
+
+
+def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Turn a fully dequantized GGUF model into a plain one.
+
+    After a dequantizing load, transformers still marks the model as quantized (its
+    ``hf_quantizer`` stays attached), which makes ``save_pretrained`` refuse and ``.float()``
+    / ``.half()`` raise although every weight is an ordinary float tensor.  Detach it when
+    that is the case.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if all(p.is_floating_point() for p in model.parameters()) and all(
+        b.is_floating_point() or b.dtype in (torch.int64, torch.int32, torch.bool) for b in model.buffers()
+    ):
+        quantizer.remove_quantization_config(model)
 
 
 def load_smollm2(

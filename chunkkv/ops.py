@@ -126,26 +126,40 @@ def build_info() -> dict[str, Any]:
     return info
 
 
-def score(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None) -> Tensor:
+def _row_starts_arg(row_starts: Any) -> Optional[Tuple[int, ...]]:
+    if row_starts is None:
+        return None
+    if _is_torch(row_starts) or isinstance(row_starts, np.ndarray):
+        row_starts = row_starts.tolist()
+    if not isinstance(row_starts, (list, tuple)):
+        raise TypeError(f"row_starts: expected None or a sequence of ints, got {type(row_starts).__name__}")
+    return tuple(_int_arg(s, "row_starts") for s in row_starts)
+
+
+def score(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None, row_starts: Any = None) -> Tensor:
     """Token scores: summed causal window attention, float32 [B, Hkv, L - w].
 
     queries [B, Hq, w, D] (RoPE applied), keys [B, Hkv, L, D]; scale defaults to 1/sqrt(D).
+    row_starts (one int per batch row) masks out left padding: keys before it get no attention.
     """
     qs, ks = _shape(queries, "queries", 4), _shape(keys, "keys", 4)
     out = _empty_like_kind(keys, (ks[0], ks[1], max(ks[2] - qs[2], 0)), "float32")
-    _C.score(_export(queries, "queries"), _export(keys, "keys"), _export(out, "scores"), _scale_arg(scale))
+    _C.score(_export(queries, "queries"), _export(keys, "keys"), _export(out, "scores"), _scale_arg(scale),
+             _row_starts_arg(row_starts))
     return out
 
 
 def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, scale: Optional[float] = None,
            per_head: bool = False, method: str = "chunkkv", pool_kernel: int = 1, pool: str = "avg",
-           n_sink: int = 4, seed: int = 0) -> Tensor:
+           n_sink: int = 4, seed: int = 0, row_starts: Any = None) -> Tensor:
     """Positions to keep, int64 [B, n] (or [B, Hkv, n] with per_head), sorted, n = min(budget, L).
 
     queries [B, Hq, w, D]: the last w prompt queries (RoPE applied); keys [B, Hkv, L, D].
     budget counts kept tokens per row, window included (budget >= w). chunk_size applies to
     "chunkkv"; pool_kernel and pool ("avg" or "max") to "snapkv"; n_sink to "streamingllm";
-    seed to "random".
+    seed to "random". row_starts (one int per batch row, for left padding): row b's tokens are
+    [row_starts[b], L); padding is masked out of scoring and never kept, except that a row with
+    fewer than n tokens keeps the last n positions (its padding slots must stay masked).
     """
     if method not in _CORE_METHODS:
         raise ValueError(f"method: expected one of {sorted(_CORE_METHODS)}, got {method!r}")
@@ -162,7 +176,7 @@ def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, 
               method=_CORE_METHODS[method][0], budget=budget, chunk_size=_int_arg(chunk_size, "chunk_size"),
               scale=_scale_arg(scale), per_head=bool(per_head), pool_kernel=_int_arg(pool_kernel, "pool_kernel"),
               pool_max=pool == "max", n_sink=_int_arg(n_sink, "n_sink"), seed=_int_arg(seed, "seed", 0) & (2**64 - 1),
-              stream=_stream_of(keys) or 0)
+              stream=_stream_of(keys) or 0, row_starts=_row_starts_arg(row_starts))
     return out
 
 

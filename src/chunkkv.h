@@ -89,6 +89,10 @@ typedef struct ckv_select_params {
     int pool_max;        /* snapkv: 1 max pooling, 0 average pooling */
     int64_t n_sink;      /* streamingllm: leading tokens always kept */
     uint64_t seed;       /* random */
+    const int64_t *row_starts; /* optional, host memory [B]: row b's tokens start at row_starts[b]
+                                * (left padding before it is masked out of the softmax and never
+                                * kept, unless the row has fewer than n tokens: then the n slots
+                                * are the last n positions). NULL: every row starts at 0. */
     void *stream;        /* CUDA stream (cudaStream_t) the op runs on; NULL = default */
 } ckv_select_params;
 
@@ -106,10 +110,12 @@ int64_t ckv_kept_count(int64_t budget, int64_t L);
  *   scores  [B, Hkv, P]     float32 output, contiguous
  * scores[b, g, j] = sum over the G query heads h of KV head g and the w window
  * queries i of softmax_j(scale * q[b,h,i] . k[b,g,j]) over keys j <= P + i
- * (causal inside the window). Accumulated in fp32.
+ * (causal inside the window). Accumulated in fp32. With row_starts (see
+ * ckv_select_params) keys before the start are masked out and window queries
+ * before it add nothing.
  */
 ckv_status ckv_score(const ckv_tensor *queries, const ckv_tensor *keys, float scale,
-                     ckv_tensor *scores);
+                     const int64_t *row_starts, ckv_tensor *scores);
 
 /*
  * ckv_select: the positions to keep.

@@ -22,19 +22,20 @@ int ckv_threads(void);
 /* ---- CPU backend (cpu/) ---- */
 
 /* scores [B, Hkv, P] contiguous fp32. */
-ckv_status ckv_score_cpu(const ckv_tensor *queries, const ckv_tensor *keys, float scale, float *scores);
+ckv_status ckv_score_cpu(const ckv_tensor *queries, const ckv_tensor *keys, float scale, const int64_t *row_starts,
+                         float *scores);
 
 /* One selection per row of scores [rows, P] (NULL for score-free methods);
  * out [rows, n] contiguous int64, n = ckv_kept_count(budget, L). */
 ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int64_t L,
-                               const ckv_select_params *params, int64_t *out);
+                               const ckv_select_params *params, int64_t rows_per_start, int64_t *out);
 
 ckv_status ckv_gather_cpu(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst);
 
 /* ---- CUDA backend (cuda/), present when CKV_WITH_CUDA is defined ---- */
 #ifdef CKV_WITH_CUDA
 ckv_status ckv_score_cuda(const ckv_tensor *queries, const ckv_tensor *keys, float scale,
-                          float *scores, void *stream);
+                          const int64_t *row_starts, float *scores, void *stream);
 /* The whole of ckv_select on the device (scores, head sum, selection), on params->stream. */
 ckv_status ckv_select_cuda(const ckv_tensor *queries, const ckv_tensor *keys, const ckv_select_params *params,
                            float scale, int64_t *out);

@@ -201,23 +201,35 @@ static float resolve_scale(float scale, int64_t D) { return scale != 0.0f ? scal
 
 /* ---------------------------------------------------------------- ckv_score */
 
-static ckv_status score_on_device(const ckv_tensor *q, const ckv_tensor *k, float scale, float *scores,
-                                  void *stream) {
+static ckv_status score_on_device(const ckv_tensor *q, const ckv_tensor *k, float scale, const int64_t *row_starts,
+                                  float *scores, void *stream) {
 #ifdef CKV_WITH_CUDA
     if (q->device == CKV_DEVICE_CUDA)
-        return ckv_score_cuda(q, k, scale, scores, stream);
+        return ckv_score_cuda(q, k, scale, row_starts, scores, stream);
 #endif
     (void)stream;
-    return ckv_score_cpu(q, k, scale, scores);
+    return ckv_score_cpu(q, k, scale, row_starts, scores);
 }
 
-ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, ckv_tensor *scores) {
+/* Row starts, when given, lie in [0, L]. */
+static ckv_status check_row_starts(const char *op, const int64_t *starts, int64_t B, int64_t L) {
+    for (int64_t b = 0; starts && b < B; b++)
+        if (starts[b] < 0 || starts[b] > L)
+            return ckv_fail(CKV_ERR_VALUE, "%s: row_starts[%lld] = %lld must be in [0, L = %lld]", op, (long long)b,
+                            (long long)starts[b], (long long)L);
+    return CKV_OK;
+}
+
+ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, const int64_t *row_starts,
+                     ckv_tensor *scores) {
     static const char op[] = "ckv_score";
     ckv_status st;
     if ((st = check_queries_keys(op, q, k)) || (st = check_view(op, "scores", scores, 3)))
         return st;
     if (!isfinite(scale))
         return ckv_fail(CKV_ERR_VALUE, "%s: scale must be finite", op);
+    if ((st = check_row_starts(op, row_starts, k->shape[0], k->shape[2])))
+        return st;
     const int64_t P = k->shape[2] - q->shape[2];
     if (scores->dtype != CKV_DTYPE_F32)
         return ckv_fail(CKV_ERR_DTYPE, "%s: scores must be float32, got %s", op, dtype_name(scores->dtype));
@@ -228,7 +240,7 @@ ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, ckv_
         return st;
     if (numel(scores) == 0)
         return CKV_OK;
-    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), (float *)scores->data, NULL);
+    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), row_starts, (float *)scores->data, NULL);
 }
 
 /* ---------------------------------------------------------------- ckv_select */
@@ -270,7 +282,8 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
                       ckv_tensor *indices) {
     static const char op[] = "ckv_select";
     ckv_status st;
-    if ((st = check_queries_keys(op, q, k)) || (st = check_params(op, params, q->shape[2])))
+    if ((st = check_queries_keys(op, q, k)) || (st = check_params(op, params, q->shape[2])) ||
+        (st = check_row_starts(op, params->row_starts, k->shape[0], k->shape[2])))
         return st;
     const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2], P = L - q->shape[2];
     const int64_t n = ckv_kept_count(params->budget, L);
@@ -302,7 +315,7 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
         scores = malloc((size_t)(B * H * P) * sizeof(float));
         if (!scores)
             return ckv_fail(CKV_ERR_NOMEM, "%s: could not allocate %lld token scores", op, (long long)(B * H * P));
-        st = ckv_score_cpu(q, k, resolve_scale(params->scale, k->shape[3]), scores);
+        st = ckv_score_cpu(q, k, resolve_scale(params->scale, k->shape[3]), params->row_starts, scores);
         if (st == CKV_OK && !per_head)
             sum_heads(scores, B, H, P);
         for (int64_t j = 0; st == CKV_OK && j < rows * P; j++)
@@ -310,7 +323,7 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
                 st = ckv_fail(CKV_ERR_VALUE, "%s: token scores are not finite (NaN or Inf in queries or keys)", op);
     }
     if (st == CKV_OK)
-        st = ckv_select_rows_cpu(scores, rows, P, L, params, (int64_t *)indices->data);
+        st = ckv_select_rows_cpu(scores, rows, P, L, params, per_head ? H : 1, (int64_t *)indices->data);
     free(scores);
     return st;
 }

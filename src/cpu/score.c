@@ -30,7 +30,7 @@ static size_t task_scratch(int64_t R, int64_t L, int64_t D) {
     return (size_t)(R * L + R * D + D * CKV_KEY_TILE);
 }
 
-static void score_one(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int64_t g, float scale,
+static void score_one(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int64_t g, float scale, int64_t start,
                       float *out /* [P] */, float *scratch) {
     const int64_t G = q->shape[1] / k->shape[1], w = q->shape[2], D = q->shape[3];
     const int64_t L = k->shape[2], P = L - w, R = G * w;
@@ -58,10 +58,14 @@ static void score_one(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int64
 
     memset(out, 0, (size_t)P * sizeof *out);
     for (int64_t r = 0; r < R; r++) {
-        const int64_t visible = P + r % w + 1; /* window query i sees keys [0, P + i] */
-        float *row = logits + r * L;
+        const int64_t visible = P + r % w + 1; /* window query i sees keys [start, P + i] */
+        if (visible <= start)
+            continue; /* a padding query: it pays no attention */
+        float *row = logits + r * L + start;
+        float *dst = out + start;
+        const int64_t span = visible - start, prefix = P > start ? P - start : 0;
         float mx = -INFINITY, probe = 0.0f; /* probe turns NaN if any logit is NaN or Inf */
-        for (int64_t j = 0; j < visible; j++) {
+        for (int64_t j = 0; j < span; j++) {
             mx = row[j] > mx ? row[j] : mx;
             probe += row[j] * 0.0f;
         }
@@ -70,13 +74,14 @@ static void score_one(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int64
                 out[j] = NAN;
             return;
         }
-        const float inv = 1.0f / ckv_exp_shift_sum(row, visible, mx);
-        for (int64_t j = 0; j < P; j++)
-            out[j] += row[j] * inv;
+        const float inv = 1.0f / ckv_exp_shift_sum(row, span, mx);
+        for (int64_t j = 0; j < prefix; j++)
+            dst[j] += row[j] * inv;
     }
 }
 
-ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, float *scores) {
+ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, const int64_t *row_starts,
+                         float *scores) {
     const int64_t H = k->shape[1], L = k->shape[2], D = k->shape[3];
     const int64_t w = q->shape[2], P = L - w, R = q->shape[1] / H * w;
     const int64_t tasks = k->shape[0] * H;
@@ -96,7 +101,8 @@ ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, 
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++)
             if (scratch)
-                score_one(q, k, task / H, task % H, scale, scores + task * P, scratch);
+                score_one(q, k, task / H, task % H, scale, row_starts ? row_starts[task / H] : 0, scores + task * P,
+                          scratch);
         free(scratch);
     }
     if (failed)

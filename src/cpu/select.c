@@ -97,19 +97,37 @@ static void select_random(int64_t P, int64_t Bp, uint64_t seed, int64_t *perm, u
     }
 }
 
-ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int64_t L,
-                               const ckv_select_params *params, int64_t *out) {
-    const int64_t n = ckv_kept_count(params->budget, L);
-    if (params->budget >= L) { /* nothing to drop */
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t j = 0; j < L; j++)
-                out[r * n + j] = j;
-        return CKV_OK;
-    }
+/* One row whose tokens are [0, L) (the caller shifts rows that start later). */
+static void select_row(const float *s, int64_t P, int64_t L, const ckv_select_params *params, uint64_t seed,
+                       ranked *tmp, float *pooled, unsigned char *keep) {
     const int64_t w = L - P, Bp = params->budget - w;
-    const int64_t c = params->chunk_size > 0 ? params->chunk_size : 1;
-    /* scratch: a mask over L, and ranked entries for up to max(P, chunks + c) candidates */
-    const size_t nranked = (size_t)(P + c + 1);
+    memset(keep, 0, (size_t)L);
+    memset(keep + P, 1, (size_t)w);
+    switch (params->method) {
+    case CKV_METHOD_CHUNKKV:
+        select_chunkkv(s, P, Bp, params->chunk_size, tmp, keep);
+        break;
+    case CKV_METHOD_SNAPKV:
+        select_snapkv(s, P, Bp, params->pool_kernel, params->pool_max, pooled, tmp, keep);
+        break;
+    case CKV_METHOD_STREAMINGLLM: {
+        /* the first sinks, then the most recent tokens up to the budget */
+        const int64_t sinks = params->n_sink < Bp ? params->n_sink : Bp;
+        memset(keep, 1, (size_t)sinks);
+        memset(keep + L - (params->budget - sinks), 1, (size_t)(params->budget - sinks));
+        break;
+    }
+    case CKV_METHOD_RANDOM:
+        select_random(P, Bp, seed, (int64_t *)tmp, keep);
+        break;
+    }
+}
+
+ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int64_t L,
+                               const ckv_select_params *params, int64_t rows_per_start, int64_t *out) {
+    const int64_t n = ckv_kept_count(params->budget, L);
+    /* scratch: a mask over L, ranked entries for up to P + c + 1 candidates, pooled scores [P] */
+    const size_t nranked = (size_t)(P + params->chunk_size + 1);
     const size_t bytes = (size_t)L + nranked * sizeof(ranked) + (size_t)P * sizeof(float);
     int nthreads = ckv_threads();
     if (nthreads > rows)
@@ -124,36 +142,26 @@ ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < rows; r++) {
+            int64_t *dst = out + r * n;
+            const int64_t start = params->row_starts ? params->row_starts[r / rows_per_start] : 0;
             if (!buf)
                 continue;
+            if (params->budget >= L - start) {
+                /* the row has no more than n tokens: keep them all; padding fills the leading slots */
+                for (int64_t t = 0; t < n; t++)
+                    dst[t] = L - n + t;
+                continue;
+            }
+            /* from here the row's own tokens [start, L) hold more than budget >= w: its prefix is non-empty */
             ranked *tmp = (ranked *)buf;
             float *pooled = (float *)(tmp + nranked);
             unsigned char *keep = (unsigned char *)(pooled + P);
-            const float *s = scores ? scores + r * P : NULL;
-            memset(keep, 0, (size_t)L);
-            memset(keep + P, 1, (size_t)w);
-            switch (params->method) {
-            case CKV_METHOD_CHUNKKV:
-                select_chunkkv(s, P, Bp, c, tmp, keep);
-                break;
-            case CKV_METHOD_SNAPKV:
-                select_snapkv(s, P, Bp, params->pool_kernel, params->pool_max, pooled, tmp, keep);
-                break;
-            case CKV_METHOD_STREAMINGLLM: {
-                /* the first sinks, then the most recent tokens up to the budget */
-                const int64_t sinks = params->n_sink < Bp ? params->n_sink : Bp;
-                memset(keep, 1, (size_t)sinks);
-                memset(keep + L - (params->budget - sinks), 1, (size_t)(params->budget - sinks));
-                break;
-            }
-            case CKV_METHOD_RANDOM:
-                select_random(P, Bp, params->seed + 0x632be59bd9b4e019ull * (uint64_t)r, (int64_t *)tmp, keep);
-                break;
-            }
-            int64_t *dst = out + r * n, t = 0;
-            for (int64_t j = 0; j < L && t < n; j++)
+            const uint64_t seed = params->seed + 0x632be59bd9b4e019ull * (uint64_t)r;
+            select_row(scores ? scores + r * P + start : NULL, P - start, L - start, params, seed, tmp, pooled, keep);
+            int64_t t = 0;
+            for (int64_t j = 0; j < L - start && t < n; j++)
                 if (keep[j])
-                    dst[t++] = j;
+                    dst[t++] = start + j;
         }
         free(buf);
     }

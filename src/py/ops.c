@@ -24,24 +24,63 @@ static void release_all(int n, ckv_borrowed *b) {
         ckv_release(&b[i]);
 }
 
+/* None, or a sequence of B ints -> a malloc'd int64 array (*out stays NULL for None). */
+static int parse_row_starts(PyObject *obj, int64_t batch, int64_t **out) {
+    *out = NULL;
+    if (obj == Py_None)
+        return 0;
+    PyObject *seq = PySequence_Fast(obj, "row_starts: expected None or a sequence of ints");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n != batch) {
+        PyErr_Format(PyExc_ValueError, "row_starts: expected %lld entries (one per batch row), got %zd",
+                     (long long)batch, n);
+        Py_DECREF(seq);
+        return -1;
+    }
+    *out = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+    if (!*out) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        (*out)[i] = v;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* Batch size of a borrowed 4-D keys view (0 for other ranks: the core reports those). */
+static int64_t batch_of(const ckv_borrowed *keys) { return keys->view.ndim == 4 ? keys->view.shape[0] : 0; }
+
 static PyObject *py_score(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kwlist[] = {"queries", "keys", "scores", "scale", NULL};
-    PyObject *caps[3];
+    static char *kwlist[] = {"queries", "keys", "scores", "scale", "row_starts", NULL};
+    PyObject *caps[3], *starts_obj = Py_None;
     float scale = 0.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|f:score", kwlist, &caps[0], &caps[1], &caps[2], &scale))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|fO:score", kwlist, &caps[0], &caps[1], &caps[2], &scale,
+                                     &starts_obj))
         return NULL;
+    int64_t *starts = NULL;
     static const char *names[] = {"queries", "keys", "scores"};
     static const int writable[] = {0, 0, 1};
     ckv_borrowed b[3];
     PyObject *result = NULL;
-    if (borrow_all(3, caps, names, writable, b) == 0) {
+    if (borrow_all(3, caps, names, writable, b) == 0 && parse_row_starts(starts_obj, batch_of(&b[1]), &starts) == 0) {
         ckv_status st;
         Py_BEGIN_ALLOW_THREADS
-        st = ckv_score(&b[0].view, &b[1].view, scale, &b[2].view);
+        st = ckv_score(&b[0].view, &b[1].view, scale, starts, &b[2].view);
         Py_END_ALLOW_THREADS
         result = st == CKV_OK ? Py_NewRef(Py_None) : ckv_raise(st);
     }
+    PyMem_Free(starts);
     release_all(3, b);
     return result;
 }
@@ -49,36 +88,39 @@ static PyObject *py_score(PyObject *self, PyObject *args, PyObject *kw) {
 static PyObject *py_select(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"queries", "keys", "indices", "method", "budget", "chunk_size", "scale", "per_head",
-                             "pool_kernel", "pool_max", "n_sink", "seed", "stream", NULL};
-    PyObject *caps[3];
+                             "pool_kernel", "pool_max", "n_sink", "seed", "stream", "row_starts", NULL};
+    PyObject *caps[3], *starts_obj = Py_None;
     ckv_select_params p;
     ckv_select_params_init(&p);
     int method = 0;
     long long budget = 0, chunk = p.chunk_size, kernel = p.pool_kernel, sinks = p.n_sink;
     unsigned long long seed = 0;
-    uintptr_t stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|iLLfpLpLKK:select", kwlist, &caps[0], &caps[1], &caps[2], &method,
-                                     &budget, &chunk, &p.scale, &p.per_head, &kernel, &p.pool_max, &sinks, &seed,
-                                     &stream))
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|iLLfpLpLKKO:select", kwlist, &caps[0], &caps[1], &caps[2],
+                                     &method, &budget, &chunk, &p.scale, &p.per_head, &kernel, &p.pool_max, &sinks,
+                                     &seed, &stream, &starts_obj))
         return NULL;
+    int64_t *starts = NULL;
     p.method = (ckv_method)method;
     p.budget = budget;
     p.chunk_size = chunk;
     p.pool_kernel = kernel;
     p.n_sink = sinks;
     p.seed = seed;
-    p.stream = (void *)stream;
+    p.stream = (void *)(uintptr_t)stream;
     static const char *names[] = {"queries", "keys", "indices"};
     static const int writable[] = {0, 0, 1};
     ckv_borrowed b[3];
     PyObject *result = NULL;
-    if (borrow_all(3, caps, names, writable, b) == 0) {
+    if (borrow_all(3, caps, names, writable, b) == 0 && parse_row_starts(starts_obj, batch_of(&b[1]), &starts) == 0) {
         ckv_status st;
+        p.row_starts = starts;
         Py_BEGIN_ALLOW_THREADS
         st = ckv_select(&b[0].view, &b[1].view, &p, &b[2].view);
         Py_END_ALLOW_THREADS
         result = st == CKV_OK ? Py_NewRef(Py_None) : ckv_raise(st);
     }
+    PyMem_Free(starts);
     release_all(3, b);
     return result;
 }

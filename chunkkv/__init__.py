@@ -10,5 +10,14 @@ from .ops import (build_info, compact_, compress, gather, get_num_threads, metho
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # patch/unpatch need torch and transformers: import them only when asked for
+    if name in ("patch", "unpatch", "ChunkKVPatch"):
+        from . import patching as _patch_module
+
+        return getattr(_patch_module, name)
+    raise AttributeError(f"module 'chunkkv' has no attribute {name!r}")
+
 __all__ = ["build_info", "compact_", "compress", "gather", "get_num_threads", "methods", "score", "select",
-           "set_num_threads", "__version__"]
+           "set_num_threads", "patch", "unpatch", "__version__"]

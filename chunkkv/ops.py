@@ -98,6 +98,7 @@ def _scale_arg(scale: Optional[float], name: str = "scale") -> float:
 
 
 def _shape(x: Any, name: str, ndim: int) -> Tuple[int, ...]:
+    _check_tensor(x, name)  # a TypeError naming the argument, before x.shape can raise AttributeError
     shape = tuple(int(s) for s in x.shape)
     if len(shape) != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(shape)}")
@@ -206,6 +207,8 @@ def compact_(keys: Tensor, values: Tensor, indices: Tensor) -> Tuple[Tensor, Ten
     Each row of indices must be strictly increasing (as select returns them). Returns the views
     keys[:, :, :n] and values[:, :, :n].
     """
+    _check_tensor(keys, "keys")
+    _check_tensor(values, "values")
     _check_tensor(indices, "indices")
     n = int(indices.shape[-1])
     k_view, v_view = keys[:, :, :n], values[:, :, :n]

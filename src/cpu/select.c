@@ -37,6 +37,8 @@ static void keep_best_tokens(const float *scores, int64_t first, int64_t n, int6
 /* The paper's rule: whole chunks best-first while they fit, then the best
  * tokens of the first chunk that does not fit, then stop. */
 static void select_chunkkv(const float *s, int64_t P, int64_t Bp, int64_t c, ranked *tmp, unsigned char *keep) {
+    if (c > P) /* one chunk holds the whole prefix; also keeps P + c - 1 and lo + c from overflowing */
+        c = P;
     const int64_t nchunks = (P + c - 1) / c;
     ranked *chunks = tmp;            /* [nchunks] */
     ranked *tokens = tmp + nchunks;  /* [c] */
@@ -126,8 +128,11 @@ static void select_row(const float *s, int64_t P, int64_t L, const ckv_select_pa
 ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int64_t L,
                                const ckv_select_params *params, int64_t rows_per_start, int64_t *out) {
     const int64_t n = ckv_kept_count(params->budget, L);
-    /* scratch: a mask over L, ranked entries for up to P + c + 1 candidates, pooled scores [P] */
-    const size_t nranked = (size_t)(P + params->chunk_size + 1);
+    /* scratch: a mask over L, ranked entries for up to P + c + 1 candidates, pooled scores [P];
+     * select_chunkkv clamps c to the row's prefix, so c <= P here too (a huge chunk_size would
+     * otherwise overflow this size or ask for terabytes) */
+    const int64_t c = params->chunk_size < P ? params->chunk_size : P;
+    const size_t nranked = (size_t)(P + c + 1);
     const size_t bytes = (size_t)L + nranked * sizeof(ranked) + (size_t)P * sizeof(float);
     int nthreads = ckv_threads();
     if (nthreads > rows)

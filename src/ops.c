@@ -146,9 +146,13 @@ static ckv_status check_backend(const char *op, const ckv_tensor *t) {
                     t->device == CKV_DEVICE_CUDA ? "cuda" : "this device", ckv_has_cuda() ? ", cuda" : "");
 }
 
-/* An output must be exactly [shape] and C-contiguous. */
+/* An output must be exactly [shape] and C-contiguous. An empty one has no layout to check
+ * (torch gives shape [B, H, 0] the strides [H, 1, 1]). */
 static ckv_status check_contiguous_out(const char *op, const char *name, const ckv_tensor *t) {
     int64_t expect = 1;
+    for (int i = 0; i < t->ndim; i++)
+        if (t->shape[i] == 0)
+            return CKV_OK;
     for (int i = t->ndim - 1; i >= 0; i--) {
         if (t->shape[i] > 1 && t->strides[i] != expect)
             return ckv_fail(CKV_ERR_LAYOUT, "%s: %s must be C-contiguous", op, name);

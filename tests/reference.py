@@ -45,8 +45,8 @@ def score(q, k, scale=None, row_starts=None) -> np.ndarray:
     out = np.zeros((B, Hkv, P))
     if P == 0 or B == 0:
         return out
-    qg = q.reshape(B, Hkv, G, w, D)
-    logits = scale * np.einsum("bhgid,bhjd->bhgij", qg, k)          # [B, Hkv, G, w, L]
+    qg = q.reshape(B, Hkv, G * w, D)                                 # query head g*G + h, row h*w + i
+    logits = (scale * (qg @ k.swapaxes(-1, -2))).reshape(B, Hkv, G, w, L)
     j = np.arange(L)
     causal = j[None, :] <= (P + np.arange(w))[:, None]               # [w, L]
     starts = np.zeros(B, dtype=np.int64) if row_starts is None else np.asarray(row_starts, dtype=np.int64)

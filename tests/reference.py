@@ -179,7 +179,7 @@ def select_row(s, L: int, w: int, budget: int, *, method="chunkkv", chunk_size=1
 def row_scores(q, k, *, scale=None, per_head=False, token_scores=None, row_starts=None) -> np.ndarray:
     """The scores selection ranks: [B, P] (heads summed) or [B * Hkv, P] (per_head)."""
     s = score(q, k, scale, row_starts) if token_scores is None else np.asarray(token_scores)
-    return s.reshape(-1, s.shape[-1]) if per_head else sum_heads(s)
+    return s.reshape(s.shape[0] * s.shape[1], s.shape[2]) if per_head else sum_heads(s)
 
 
 def select(q, k, *, budget, chunk_size=10, scale=None, per_head=False, method="chunkkv", pool_kernel=1,

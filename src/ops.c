@@ -355,7 +355,7 @@ static ckv_status check_gather_out(const char *op, const char *name, const ckv_t
         out->shape[3] != src->shape[3])
         return ckv_fail(CKV_ERR_SHAPE, "%s: %s must have shape [B, Hkv, n, D] = [%lld, %lld, %lld, %lld]", op, name,
                         (long long)src->shape[0], (long long)src->shape[1], (long long)n, (long long)src->shape[3]);
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 4 && numel(out) > 0; i++) /* an empty output (NumPy: all strides 0) writes nothing */
         if (out->shape[i] > 1 && out->strides[i] == 0)
             return ckv_fail(CKV_ERR_LAYOUT, "%s: %s has a zero stride in dimension %d: rows would overwrite each other",
                             op, name, i);

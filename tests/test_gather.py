@@ -1,0 +1,194 @@
+"""gather / compact_ / compress: exact equality with the reference, guarded out= buffers, in-place
+compaction, and inputs left untouched."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import chunkkv
+import reference as ref
+from conftest import DTYPES, LAYOUTS, bits, lib_for, make, make_indices, need_torch, to_numpy
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+N_CASES = 200
+OUT_LAYOUTS = ("contiguous", "bhld_T", "step", "fortran")  # writable layouts (no broadcast)
+
+
+def random_sizes(rng):
+    B, H = int(rng.integers(1, 4)), int(rng.choice([1, 2, 3, 4, 8]))
+    D = int(rng.choice([8, 16, 24, 64, 128]))
+    u = rng.random()
+    L = int(rng.integers(1, 30) if u < 0.4 else rng.integers(30, 400) if u < 0.85 else rng.integers(400, 3001))
+    return B, H, L, D
+
+
+def random_indices(rng, B, H, L, per_head, n, increasing):
+    shape = (B, H) if per_head else (B,)
+    if increasing:  # strictly increasing rows, as select returns them
+        idx = np.stack([np.sort(rng.choice(L, size=n, replace=False)) for _ in range(int(np.prod(shape)))])
+        return idx.reshape(shape + (n,))
+    return rng.integers(0, L, size=shape + (n,))
+
+
+def guarded_out(shape, dtype, lib, rng):
+    """A view of exactly `shape` inside a bigger buffer filled with a sentinel; returns
+    (view, buffer, mask of the view's elements inside the buffer)."""
+    B, H, n, D = shape
+    kind = rng.integers(0, 3)
+    fill = -1234.0
+    big_shape = (B + 2, H + 1, 2 * n + 3, D + 5) if kind != 2 else (B + 1, 2 * H, n + 2, 2 * D + 1)
+    if lib == "torch":
+        big = torch.full(big_shape, fill, dtype=getattr(torch, dtype))
+    else:
+        big = np.full(big_shape, fill, dtype=dtype)
+    if kind == 0:
+        sl = (slice(1, B + 1), slice(0, H), slice(2, 2 + n), slice(3, 3 + D))
+    elif kind == 1:  # every other token
+        sl = (slice(1, B + 1), slice(1, H + 1), slice(3, 3 + 2 * n, 2), slice(0, D))
+    else:  # every other head and feature
+        sl = (slice(0, B), slice(1, 2 * H, 2), slice(1, n + 1), slice(1, 2 * D + 1, 2))
+    mask = np.zeros(big_shape, dtype=bool)
+    mask[sl] = True
+    view = big[sl]
+    assert tuple(view.shape) == shape
+    return view, big, mask
+
+
+@pytest.mark.parametrize("case", range(N_CASES))
+def test_gather_random(case, tally):
+    rng = np.random.default_rng([303, case])
+    B, H, L, D = random_sizes(rng)
+    dtype = str(rng.choice(DTYPES))
+    lib = lib_for(dtype, rng)
+    k, k64 = make(rng.standard_normal((B, H, L, D)), dtype, lib, str(rng.choice(LAYOUTS)))
+    v, v64 = make(rng.standard_normal((B, H, L, D)), dtype, lib, str(rng.choice(LAYOUTS)))
+    per_head = bool(rng.random() < 0.5)
+    n = int(rng.choice([1, L, int(rng.integers(1, L + 1)), L + int(rng.integers(1, 6))]))  # repeats allowed
+    idx_np = random_indices(rng, B, H, L, per_head, n, increasing=False)
+    idx = make_indices(idx_np, lib, str(rng.choice(["contiguous", "step", "transposed"])))
+    want_k, want_v = ref.gather(k64, v64, idx_np)
+    before = [bits(x) for x in (k, v, idx)]
+
+    if rng.random() < 0.5:
+        ok, ov = chunkkv.gather(k, v, idx)
+        assert type(ok) is type(k) and tuple(ok.shape) == (B, H, n, D)
+        assert str(ok.dtype).split(".")[-1] == dtype
+    else:
+        (ok, bk, mk), (ov, bv, mv) = (guarded_out((B, H, n, D), dtype, lib, rng) for _ in range(2))
+        guard_k, guard_v = to_numpy(bk), to_numpy(bv)
+        rk, rv = chunkkv.gather(k, v, idx, out=(ok, ov))
+        assert rk is ok and rv is ov
+        assert np.array_equal(to_numpy(bk)[~mk], guard_k[~mk]), "keys_out guard region was written"
+        assert np.array_equal(to_numpy(bv)[~mv], guard_v[~mv]), "values_out guard region was written"
+    assert np.array_equal(ref.to_f64(ok), want_k) and np.array_equal(ref.to_f64(ov), want_v)
+    assert all(np.array_equal(bits(x), b) for x, b in zip((k, v, idx), before)), "inputs changed"
+    tally["cases"]["gather"] += 1
+
+
+@pytest.mark.parametrize("case", range(N_CASES // 2))
+def test_compact_random(case, tally):
+    """compact_ moves the kept rows to the front in place; rows past n stay as they were."""
+    rng = np.random.default_rng([404, case])
+    B, H, L, D = random_sizes(rng)
+    dtype = str(rng.choice(DTYPES))
+    lib = lib_for(dtype, rng)
+    layout = str(rng.choice(["contiguous", "bhld_T", "step", "reversed", "fortran"]))
+    k, k64 = make(rng.standard_normal((B, H, L, D)), dtype, lib, layout)
+    v, v64 = make(rng.standard_normal((B, H, L, D)), dtype, lib, str(rng.choice(OUT_LAYOUTS)))
+    per_head = bool(rng.random() < 0.5)
+    n = int(rng.choice([1, L, int(rng.integers(1, L + 1))]))
+    idx_np = random_indices(rng, B, H, L, per_head, n, increasing=True)
+    idx = make_indices(idx_np, lib, str(rng.choice(["contiguous", "step", "transposed"])))
+    want_k, want_v = ref.gather(k64, v64, idx_np)
+    idx_bits = bits(idx)
+    ck, cv = chunkkv.compact_(k, v, idx)
+    assert np.array_equal(ref.to_f64(ck), want_k) and np.array_equal(ref.to_f64(cv), want_v)
+    # the returned views are the fronts of the caches themselves
+    assert np.array_equal(ref.to_f64(k)[:, :, :n], want_k) and np.array_equal(ref.to_f64(v)[:, :, :n], want_v)
+    assert np.array_equal(ref.to_f64(k)[:, :, n:], k64[:, :, n:]), "rows past n changed"
+    assert np.array_equal(ref.to_f64(v)[:, :, n:], v64[:, :, n:]), "rows past n changed"
+    assert np.array_equal(bits(idx), idx_bits)
+    tally["cases"]["compact_"] += 1
+
+
+@pytest.mark.parametrize("case", range(40))
+def test_compress_random(case, tally):
+    rng = np.random.default_rng([505, case])
+    B, H, L, D = random_sizes(rng)
+    L = min(L, 600)
+    w = int(rng.integers(1, min(L, 8) + 1))
+    G = int(rng.choice([1, 2, 4]))
+    dtype = str(rng.choice(DTYPES))
+    lib = lib_for(dtype, rng)
+    q, q64 = make(rng.standard_normal((B, H * G, w, D)), dtype, lib, str(rng.choice(LAYOUTS)))
+    k, k64 = make(rng.standard_normal((B, H, L, D)), dtype, lib, str(rng.choice(LAYOUTS)))
+    v, v64 = make(rng.standard_normal((B, H, L, D)), dtype, lib, str(rng.choice(LAYOUTS)))
+    budget = int(rng.integers(w, L + 3))
+    args = dict(budget=budget, chunk_size=int(rng.integers(1, 12)), per_head=bool(rng.random() < 0.5))
+    before = [bits(x) for x in (q, k, v)]
+    kk, vv, idx = chunkkv.compress(q, k, v, **args)
+    want_idx = ref.select(q64, k64, token_scores=to_numpy(chunkkv.score(q, k)), **args)
+    assert np.array_equal(to_numpy(idx), want_idx)
+    want_k, want_v = ref.gather(k64, v64, want_idx)
+    assert np.array_equal(ref.to_f64(kk), want_k) and np.array_equal(ref.to_f64(vv), want_v)
+    assert all(np.array_equal(bits(x), b) for x, b in zip((q, k, v), before)), "inputs changed"
+    tally["cases"]["compress"] += 1
+
+
+def test_compact_after_select_pipeline():
+    """select then compact_ on the same cache: what compress returns, without a copy of the cache."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((2, 8, 4, 32)).astype(np.float32)
+    k = rng.standard_normal((2, 4, 256, 32)).astype(np.float32)
+    v = rng.standard_normal((2, 4, 256, 32)).astype(np.float32)
+    for per_head in (False, True):
+        kk, vv, idx = chunkkv.compress(q, k, v, budget=64, chunk_size=8, per_head=per_head)
+        k2, v2 = k.copy(), v.copy()
+        ck, cv = chunkkv.compact_(k2, v2, idx)
+        assert np.shares_memory(ck, k2) and np.shares_memory(cv, v2)
+        assert np.array_equal(ck, kk) and np.array_equal(cv, vv)
+
+
+def test_compact_torch_in_place():
+    need_torch()
+    t = torch.arange(2 * 3 * 10 * 4, dtype=torch.float32).reshape(2, 3, 10, 4)
+    u = -t.clone()
+    idx = torch.tensor([[1, 4, 9], [0, 2, 3]])
+    want_k, want_v = ref.gather(t.numpy().copy(), u.numpy().copy(), idx.numpy())
+    ptr = t.data_ptr()
+    ck, cv = chunkkv.compact_(t, u, idx)
+    assert ck.data_ptr() == ptr and ck.shape == (2, 3, 3, 4)
+    assert np.array_equal(ck.numpy(), want_k) and np.array_equal(cv.numpy(), want_v)
+
+
+@pytest.mark.parametrize("bad", [[[3, 1, 5]], [[1, 1, 5]]])
+def test_compact_needs_increasing_rows(bad):
+    k = np.arange(1 * 2 * 8 * 4, dtype=np.float32).reshape(1, 2, 8, 4)
+    v = k.copy()
+    k0 = k.copy()
+    with pytest.raises(ValueError, match="increasing"):
+        chunkkv.compact_(k, v, np.array(bad, dtype=np.int64))
+    assert np.array_equal(k, k0) and np.array_equal(v, k0), "nothing is written when the check fails"
+    # out of place, repeats and any order are fine
+    ok, _ = chunkkv.gather(k, v, np.array(bad, dtype=np.int64))
+    assert np.array_equal(ok, ref.gather(k, v, np.array(bad))[0])
+
+
+def test_gather_zero_rows_and_empty_batch():
+    k = np.ones((0, 2, 5, 4), np.float32)
+    ok, ov = chunkkv.gather(k, k.copy(), np.zeros((0, 3), np.int64))
+    assert ok.shape == (0, 2, 3, 4)
+    k = np.ones((1, 2, 5, 4), np.float32)
+    ok, ov = chunkkv.gather(k, k.copy(), np.zeros((1, 0), np.int64))
+    assert ok.shape == (1, 2, 0, 4)
+
+
+def test_gather_keys_and_values_may_be_one_tensor():
+    k = np.random.default_rng(0).standard_normal((1, 2, 9, 4)).astype(np.float32)
+    idx = np.array([[8, 0, 4, 4]])
+    ok, ov = chunkkv.gather(k, k, idx)
+    assert np.array_equal(ok, ov) and np.array_equal(ok, ref.gather(k, k, idx)[0])

@@ -10,6 +10,9 @@ therefore keeps two lengths apart:
   causality among new tokens is exact and the 2-D padding mask of a left-padded batch reads the
   columns of the most recent tokens (chunkkv keeps a short row's last tokens, so these columns
   say exactly which stored slots are real).
+
+Layers of one cache may hold different numbers of tokens (PyramidKV): the mask is then sized for
+the widest and each narrower layer reads its last columns.
 """
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ class CompressedLayer(DynamicLayer):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int,
+                 peers: Optional[list] = None) -> None:
         super().__init__()
+        # the compressed layers of the same cache: the mask is sized for the widest of them
+        self.peers = peers if peers is not None else [self]
         self.device = keys.device
         self.keys, self.values = keys, values
         self.is_initialized = True
@@ -50,8 +56,11 @@ class CompressedLayer(DynamicLayer):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) for the mask: stored + new tokens, placed at the end of the seen ones."""
-        stored = self.keys.shape[-2]
+        """(kv_length, kv_offset) for the mask: stored + new tokens, placed at the end of the seen ones.
+
+        Stored is the widest compressed layer of the cache (PyramidKV gives layers different budgets);
+        narrower layers use the last columns of the same mask (chunkkv.patching trims it per layer)."""
+        stored = max(p.keys.shape[-2] for p in self.peers)
         return stored + query_length, self.seen - stored
 
     @property

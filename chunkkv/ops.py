@@ -26,6 +26,10 @@ _CORE_METHODS = {
     "snapkv": (1, "SnapKV: per-token top-k of pooled window attention, plus the window."),
     "streamingllm": (2, "StreamingLLM: the first n_sink tokens and the most recent ones."),
     "random": (3, "Random prefix tokens plus the window: a floor for comparisons."),
+    "h2o": (4, "H2O heavy hitters: column sums of the full causal attention of every prompt query, plus recent tokens."),
+    "chunkkv-kvpress": (5, "kvpress's ChunkKVPress(SnapKVPress()): chunk means over all tokens, whole chunks only."),
+    # PyramidKV differs from SnapKV only in its per-layer budgets (chunkkv.patch): one call selects as SnapKV
+    "pyramidkv": (1, "PyramidKV: SnapKV selection; chunkkv.patch gives each layer its own budget."),
 }
 
 _INT64_MAX = 2**63 - 1
@@ -68,7 +72,12 @@ def _empty_like_kind(ref: Any, shape: Tuple[int, ...], dtype: str) -> Any:
         import torch
 
         dt = {"float32": torch.float32, "int64": torch.int64, "same": ref.dtype}[dtype]
-        return torch.empty(shape, dtype=dt, device=ref.device)
+        try:
+            return torch.empty(shape, dtype=dt, device=ref.device)
+        except RuntimeError as e:  # torch reports an allocation it cannot make as a RuntimeError
+            if "alloc" in str(e) or "overflow" in str(e):
+                raise MemoryError(f"could not allocate an output of shape {list(shape)}: {e}") from e
+            raise
     if dtype == "same":
         dt = np.from_dlpack(ref).dtype if not isinstance(ref, np.ndarray) else ref.dtype
     else:
@@ -94,20 +103,30 @@ def _scale_arg(scale: Optional[float], name: str = "scale") -> float:
         raise TypeError(f"{name}: expected a float or None, got {type(scale).__name__}")
     if not math.isfinite(float(scale)) or float(scale) == 0.0:
         raise ValueError(f"{name}: expected a finite non-zero float, got {scale}")
+    with np.errstate(over="ignore", under="ignore"):
+        as_f32 = np.float32(float(scale))
+    # the core takes a float32 (0 there means 1/sqrt(D)): a scale that rounds to 0 or Inf would be wrong silently
+    if not np.isfinite(as_f32) or as_f32 == 0.0:
+        raise ValueError(f"{name}: {scale} is outside the float32 range the core computes in")
     return float(scale)
 
 
 def _shape(x: Any, name: str, ndim: int) -> Tuple[int, ...]:
     _check_tensor(x, name)  # a TypeError naming the argument, before x.shape can raise AttributeError
-    shape = tuple(int(s) for s in x.shape)
+    try:
+        shape = tuple(int(s) for s in x.shape)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise TypeError(f"{name}: expected a tensor with a shape, got {type(x).__name__}") from e
     if len(shape) != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {list(shape)}")
     return shape
 
 
 def methods() -> dict[str, str]:
-    """The selection methods the C core runs, each with a one-line description."""
-    return {name: desc for name, (_, desc) in _CORE_METHODS.items()}
+    """Every compression method (chunkkv.select and chunkkv.patch take each name), with one line each."""
+    from .compressors import methods as _registry
+
+    return _registry()
 
 
 def set_num_threads(n: int) -> None:
@@ -137,14 +156,18 @@ def _row_starts_arg(row_starts: Any) -> Optional[Tuple[int, ...]]:
     return tuple(_int_arg(s, "row_starts") for s in row_starts)
 
 
-def score(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None, row_starts: Any = None) -> Tensor:
-    """Token scores: summed causal window attention, float32 [B, Hkv, L - w].
+def score(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None, row_starts: Any = None,
+          prefix: Optional[int] = None) -> Tensor:
+    """Token scores: summed causal attention of the queries, float32 [B, Hkv, prefix].
 
-    queries [B, Hq, w, D] (RoPE applied), keys [B, Hkv, L, D]; scale defaults to 1/sqrt(D).
+    queries [B, Hq, w, D] (RoPE applied; they sit at the last w positions), keys [B, Hkv, L, D];
+    scale defaults to 1/sqrt(D); prefix (default L - w) is how many leading keys are scored
+    (with all L prompt queries and prefix L - window these are H2O's column sums).
     row_starts (one int per batch row) masks out left padding: keys before it get no attention.
     """
     qs, ks = _shape(queries, "queries", 4), _shape(keys, "keys", 4)
-    out = _empty_like_kind(keys, (ks[0], ks[1], max(ks[2] - qs[2], 0)), "float32")
+    P = max(ks[2] - qs[2], 0) if prefix is None else _int_arg(prefix, "prefix", 0)
+    out = _empty_like_kind(keys, (ks[0], ks[1], P), "float32")
     _C.score(_export(queries, "queries"), _export(keys, "keys"), _export(out, "scores"), _scale_arg(scale),
              _row_starts_arg(row_starts))
     return out
@@ -152,13 +175,18 @@ def score(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None, row_s
 
 def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, scale: Optional[float] = None,
            per_head: bool = False, method: str = "chunkkv", pool_kernel: int = 1, pool: str = "avg",
-           n_sink: int = 4, seed: int = 0, row_starts: Any = None) -> Tensor:
+           n_sink: int = 4, seed: int = 0, row_starts: Any = None, window: Optional[int] = None,
+           keep_fraction: Optional[float] = None) -> Tensor:
     """Positions to keep, int64 [B, n] (or [B, Hkv, n] with per_head), sorted, n = min(budget, L).
 
     queries [B, Hq, w, D]: the last w prompt queries (RoPE applied); keys [B, Hkv, L, D].
     budget counts kept tokens per row, window included (budget >= w). chunk_size applies to
     "chunkkv"; pool_kernel and pool ("avg" or "max") to "snapkv"; n_sink to "streamingllm";
-    seed to "random". row_starts (one int per batch row, for left padding): row b's tokens are
+    seed to "random". "h2o" takes every prompt query (queries [B, Hq, L, D]) and keeps `window`
+    recent tokens. "chunkkv-kvpress" (pool_kernel 5 there, as kvpress) keeps
+    max(1, int(chunks * keep_fraction)) whole chunks of chunk_size over all L tokens, which can be
+    fewer than budget (the short last chunk; the int() rounding down); keep_fraction defaults to
+    budget / L. row_starts (one int per batch row, for left padding): row b's tokens are
     [row_starts[b], L); padding is masked out of scoring and never kept, except that a row with
     fewer than n tokens keeps the last n positions (its padding slots must stay masked).
     """
@@ -170,15 +198,47 @@ def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, 
         raise TypeError(f"per_head: expected a bool, got {type(per_head).__name__}")
     qs, ks = _shape(queries, "queries", 4), _shape(keys, "keys", 4)
     budget = _int_arg(budget, "budget")
-    n = max(0, min(budget, ks[2]))
+    chunk_size = _int_arg(chunk_size, "chunk_size")
+    L = ks[2]
+    if keep_fraction is None:
+        keep_fraction = budget / L if L > 0 else 1.0
+    elif isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)):
+        raise TypeError(f"keep_fraction: expected a float, got {type(keep_fraction).__name__}")
+    window = qs[2] if window is None else _int_arg(window, "window")
+    code = _CORE_METHODS[method][0]
+    n = max(0, int(_C.select_count(code, budget, max(chunk_size, 1), float(keep_fraction), L)))
     shape = (ks[0], ks[1], n) if per_head else (ks[0], n)
     out = _empty_like_kind(keys, shape, "int64")
     _C.select(_export(queries, "queries"), _export(keys, "keys"), _export(out, "indices"),
-              method=_CORE_METHODS[method][0], budget=budget, chunk_size=_int_arg(chunk_size, "chunk_size"),
+              method=code, budget=budget, chunk_size=chunk_size,
               scale=_scale_arg(scale), per_head=bool(per_head), pool_kernel=_int_arg(pool_kernel, "pool_kernel"),
               pool_max=pool == "max", n_sink=_int_arg(n_sink, "n_sink"), seed=_int_arg(seed, "seed", 0) & (2**64 - 1),
-              stream=_stream_of(keys) or 0, row_starts=_row_starts_arg(row_starts))
+              stream=_stream_of(keys) or 0, row_starts=_row_starts_arg(row_starts), window=window,
+              keep_fraction=float(keep_fraction))
+    if method == "chunkkv-kvpress":
+        out = _trim_padding(out)
     return out
+
+
+def _trim_padding(indices: Any) -> Any:
+    """Drop the -1 columns chunkkv-kvpress pads with when the short last chunk was kept."""
+    kept = (indices >= 0).sum(-1)
+    counts = {int(c) for c in (kept.tolist() if hasattr(kept, "tolist") else kept)}
+    if len(counts) > 1:
+        raise ValueError("chunkkv-kvpress: the rows kept different numbers of tokens (kvpress keeps whole chunks and "
+                         "the last one is shorter); use batch size 1, or method='chunkkv' which keeps exact budgets")
+    n = counts.pop() if counts else 0
+    return indices[..., :n]
+
+
+def _index_count(indices: Any) -> int:
+    """n of indices [B, n] or [B, Hkv, n] (ranks the core rejects count 0: it names the problem)."""
+    _check_tensor(indices, "indices")
+    try:
+        shape = tuple(int(s) for s in indices.shape)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise TypeError(f"indices: expected a tensor with a shape, got {type(indices).__name__}") from e
+    return shape[-1] if len(shape) in (2, 3) else 0
 
 
 def gather(keys: Tensor, values: Tensor, indices: Tensor, *,
@@ -189,8 +249,8 @@ def gather(keys: Tensor, values: Tensor, indices: Tensor, *,
     the rows are written into those buffers (any strides, exact shape) and they are returned.
     """
     ks = _shape(keys, "keys", 4)
-    _check_tensor(indices, "indices")
-    n = int(indices.shape[-1]) if len(indices.shape) in (2, 3) else 0
+    _shape(values, "values", 4)
+    n = _index_count(indices)
     if out is None:
         out = (_empty_like_kind(keys, (ks[0], ks[1], n, ks[3]), "same"),
                _empty_like_kind(values, (ks[0], ks[1], n, ks[3]), "same"))
@@ -207,10 +267,9 @@ def compact_(keys: Tensor, values: Tensor, indices: Tensor) -> Tuple[Tensor, Ten
     Each row of indices must be strictly increasing (as select returns them). Returns the views
     keys[:, :, :n] and values[:, :, :n].
     """
-    _check_tensor(keys, "keys")
-    _check_tensor(values, "values")
-    _check_tensor(indices, "indices")
-    n = int(indices.shape[-1])
+    _shape(keys, "keys", 4)
+    _shape(values, "values", 4)
+    n = _index_count(indices)
     k_view, v_view = keys[:, :, :n], values[:, :, :n]
     return gather(keys, values, indices, out=(k_view, v_view))
 

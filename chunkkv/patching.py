@@ -24,13 +24,14 @@ from typing import Any, Callable, Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import compressors as _methods
 from . import ops
 from .cache import CompressedLayer, layer_positions
 
 _ATTR = "_chunkkv_patch"
 
-#: methods patch() accepts
-PATCH_METHODS = ("chunkkv", "snapkv", "streamingllm", "random")
+#: methods patch() accepts (see chunkkv.methods())
+PATCH_METHODS = tuple(_methods.METHODS)
 
 
 @dataclass
@@ -47,10 +48,14 @@ class PatchConfig:
     method_args: dict = field(default_factory=dict)
 
     def budget_for(self, length: int) -> int:
-        """Tokens kept per layer for a cache of `length` tokens (window included)."""
+        """Tokens kept per layer on average for a cache of `length` tokens (window included)."""
         if self.budget is not None:
             return self.budget
         return max(int(math.ceil(self.keep_ratio * length)), min(self.window, length))
+
+    def keep_fraction(self, length: int) -> float:
+        """The kept fraction, for chunkkv-kvpress (which counts whole chunks)."""
+        return self.keep_ratio if self.keep_ratio is not None else min(1.0, self.budget / max(length, 1))
 
 
 @dataclass
@@ -77,6 +82,7 @@ class ChunkKVPatch:
         if not self._full_layers:
             raise ValueError("chunkkv.patch: the model has no full-attention layer to compress")
         self._rank = {layer: r for r, layer in enumerate(self._full_layers)}
+        self._method = _methods.get(config.method)
 
     # -- installation -------------------------------------------------------------------------
     def _install(self) -> None:
@@ -84,6 +90,7 @@ class ChunkKVPatch:
         self._hooks.append(decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
         for layer_idx, module in self._attention_modules:
             if layer_idx in self._rank:
+                self._hooks.append(module.register_forward_pre_hook(self._make_mask_hook(layer_idx), with_kwargs=True))
                 self._hooks.append(module.register_forward_hook(self._make_layer_hook(layer_idx), with_kwargs=True))
         setattr(self.model, _ATTR, self)
 
@@ -120,6 +127,28 @@ class ChunkKVPatch:
         self._mask2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
         self._group_indices.clear()
 
+    def _make_mask_hook(self, layer_idx: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+            return self._fit_mask(layer_idx, args, kwargs)
+        return hook
+
+    def _fit_mask(self, layer_idx: int, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """Layers may hold fewer tokens than the widest one (PyramidKV, kvpress's chunk rounding): the
+        shared 4-D mask is sized for the widest and aligned at the end, so keep its last columns."""
+        mask, cache = kwargs.get("attention_mask"), _cache_from(kwargs)
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or cache is None or hidden is None:
+            return None
+        if layer_idx >= len(cache.layers):
+            return None
+        layer = cache.layers[layer_idx]
+        stored = layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.ndim == 4 else 0
+        need = stored + hidden.shape[1]
+        if mask.shape[-1] <= need:
+            return None
+        kwargs["attention_mask"] = mask[..., -need:]
+        return args, kwargs
+
     def _make_layer_hook(self, layer_idx: int) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self._after_attention(layer_idx, module, args, kwargs)
@@ -135,22 +164,21 @@ class ChunkKVPatch:
             return
         keys, values = layer.keys, layer.values
         L = keys.shape[-2]
-        budget = self.config.budget_for(L)
-        if L <= budget:
+        cfg, method = self.config, self._method
+        rank = self._rank[layer_idx]
+        window = min(cfg.window, hidden.shape[1])
+        budget = _methods.layer_budget(method, cfg.budget_for(L), window, L - window, rank, len(self._full_layers),
+                                       cfg.method_args.get("beta"))
+        if method.budget_exact and L <= budget:
+            return
+        if not method.budget_exact and cfg.keep_fraction(L) >= 1.0:
             return
         positions = layer_positions(layer)
         starts = self._row_starts(positions, hidden.shape[1])
-        rank = self._rank[layer_idx]
-        group, leader = divmod(rank, self.config.reuse)
+        group, member = divmod(rank, cfg.reuse)
         with torch.no_grad():
-            if leader == 0 or group not in self._group_indices:
-                window = min(self.config.window, hidden.shape[1], budget)
-                queries = window_queries(module, hidden, kwargs, window)
-                indices = ops.select(queries, keys, budget=budget, chunk_size=self.config.chunk_size,
-                                     scale=float(getattr(module, "scaling", queries.shape[-1] ** -0.5)),
-                                     per_head=self.config.per_head, method=self.config.method,
-                                     row_starts=starts, **self.config.method_args)
-                self._group_indices[group] = indices
+            if member == 0 or group not in self._group_indices:
+                self._group_indices[group] = self._select(module, hidden, kwargs, keys, budget, window, starts)
                 self.stats.selections += 1
                 if rank == 0:
                     self.stats.prefills += 1
@@ -162,7 +190,32 @@ class ChunkKVPatch:
             elif indices.ndim == 2 and positions.ndim == 3:
                 positions = positions[:, 0]
             kept_positions = torch.take_along_dim(positions, indices.to(positions.device), dim=-1)
-        cache.layers[layer_idx] = CompressedLayer(kept_k, kept_v, kept_positions, layer.get_seq_length())
+        peers = getattr(cache, "_chunkkv_peers", None)
+        if peers is None:
+            peers = []
+            cache._chunkkv_peers = peers
+        new_layer = CompressedLayer(kept_k, kept_v, kept_positions, layer.get_seq_length(), peers=peers)
+        peers[:] = [p for p in peers if p is not layer]
+        peers.append(new_layer)
+        cache.layers[layer_idx] = new_layer
+
+    def _select(self, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, keys: torch.Tensor, budget: int,
+                window: int, starts: Optional[list[int]]) -> torch.Tensor:
+        """The leader's positions, from the C core."""
+        cfg, method = self.config, self._method
+        n_queries = hidden.shape[1] if method.all_queries else min(window, budget)
+        queries = window_queries(module, hidden, kwargs, n_queries)
+        args = {**method.select_args, **{k: v for k, v in cfg.method_args.items() if k != "beta"}}
+        if method.core == "h2o":
+            args["window"] = min(window, budget)
+        if method.core == "chunkkv-kvpress":
+            args["keep_fraction"] = cfg.keep_fraction(keys.shape[-2])
+            args["scale"] = keys.shape[-1] ** -0.5  # kvpress scores with 1/sqrt(head_dim)
+        else:
+            args["scale"] = float(getattr(module, "scaling", queries.shape[-1] ** -0.5))
+            args["row_starts"] = starts
+            args["per_head"] = cfg.per_head
+        return ops.select(queries, keys, budget=budget, chunk_size=cfg.chunk_size, method=method.core, **args)
 
     def _row_starts(self, positions: torch.Tensor, q_len: int) -> Optional[list[int]]:
         """Per row, how many stored slots are left padding (they lead, as positions are sorted)."""
@@ -246,8 +299,8 @@ def window_queries(module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, 
 
 # -- public entry points -------------------------------------------------------------------------
 def patch(model: torch.nn.Module, budget: Optional[int] = None, keep_ratio: Optional[float] = None,
-          chunk_size: int = 10, window: int = 32, reuse: int = 1, per_head: bool = False,
-          method: str = "chunkkv", **method_args: Any) -> ChunkKVPatch:
+          chunk_size: Optional[int] = None, window: Optional[int] = None, reuse: int = 1,
+          per_head: Optional[bool] = None, method: str = "chunkkv", **method_args: Any) -> ChunkKVPatch:
     """Make `model` compress its KV cache at every prefill with ChunkKV (or another method).
 
     Args:
@@ -255,26 +308,30 @@ def patch(model: torch.nn.Module, budget: Optional[int] = None, keep_ratio: Opti
         budget: tokens kept per layer, window included (>= window). Exactly one of budget and
             keep_ratio is given.
         keep_ratio: fraction of the prompt kept per layer, window included, in (0, 1].
-        chunk_size: tokens per chunk (ChunkKV).
-        window: observation window: the last `window` prompt tokens score the rest and are kept.
+        chunk_size: tokens per chunk (default 10; 20 for chunkkv-kvpress).
+        window: observation window: the last `window` prompt tokens score the rest and are kept
+            (default 32; 64 for chunkkv-kvpress; the recent tokens for h2o).
         reuse: layer-wise index reuse: consecutive blocks of `reuse` full-attention layers share
             the indices their first layer computes; the others only gather.
-        per_head: select separately for each KV head instead of once per row.
-        method: one of chunkkv.patch.PATCH_METHODS.
-        **method_args: passed to chunkkv.select (pool_kernel, pool, n_sink, seed).
+        per_head: select separately for each KV head (default: False for chunkkv and streamingllm,
+            True for snapkv, pyramidkv and h2o, as in their papers).
+        method: one of chunkkv.methods() (chunkkv, chunkkv-kvpress, snapkv, pyramidkv, h2o,
+            streamingllm, random).
+        **method_args: passed to chunkkv.select (pool_kernel, pool, n_sink, seed); beta for pyramidkv.
 
     Returns a handle; `handle.remove()`, `chunkkv.unpatch(model)` or leaving `with chunkkv.patch(...)`
     restores the model. Prefill forwards then replace each full-attention layer's cache with its
     kept tokens; decoding appends after them. Sliding-window layers are left as they are.
     """
+    spec = _methods.get(method)
     if (budget is None) == (keep_ratio is None):
         raise ValueError("chunkkv.patch: give exactly one of budget (tokens) or keep_ratio (fraction)")
-    window = ops._int_arg(window, "window", 1)
-    chunk_size = ops._int_arg(chunk_size, "chunk_size", 1)
+    window = ops._int_arg(spec.window if window is None else window, "window", 1)
+    chunk_size = ops._int_arg(spec.chunk_size if chunk_size is None else chunk_size, "chunk_size", 1)
     reuse = ops._int_arg(reuse, "reuse", 1)
     if budget is not None:
         budget = ops._int_arg(budget, "budget", 1)
-        if budget < window:
+        if budget < window and spec.budget_exact:
             raise ValueError(f"budget: expected >= window ({window}), got {budget}: the window is always kept")
     else:
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
@@ -282,10 +339,14 @@ def patch(model: torch.nn.Module, budget: Optional[int] = None, keep_ratio: Opti
         if not 0.0 < float(keep_ratio) <= 1.0:
             raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {keep_ratio}")
         keep_ratio = float(keep_ratio)
-    if method not in PATCH_METHODS:
-        raise ValueError(f"method: expected one of {list(PATCH_METHODS)}, got {method!r}")
+    if per_head is None:
+        per_head = spec.per_head
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head: expected a bool, got {type(per_head).__name__}")
+    if spec.pyramid and reuse > 1:
+        raise ValueError("reuse: pyramidkv gives every layer its own budget, so layers cannot share indices; use reuse=1")
+    if spec.core == "chunkkv-kvpress" and per_head:
+        raise ValueError("per_head: chunkkv-kvpress selects one set of chunks per row, as kvpress does")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _ATTR, None) is not None:

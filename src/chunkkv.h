@@ -77,6 +77,10 @@ typedef enum ckv_method {
     CKV_METHOD_SNAPKV = 1,    /* per-token top-k of pooled window attention */
     CKV_METHOD_STREAMINGLLM = 2, /* first n_sink tokens + the most recent ones */
     CKV_METHOD_RANDOM = 3,    /* uniform random prefix tokens + the window (a floor) */
+    CKV_METHOD_H2O = 4,       /* heavy hitters: column sums of the causal attention of the prompt
+                               * queries (normally all: queries [B, Hq, L, D], at the last positions),
+                               * plus `window` recent tokens */
+    CKV_METHOD_CHUNKKV_KVPRESS = 5, /* kvpress's ChunkKVPress(SnapKVPress()): see ckv_select_count */
 } ckv_method;
 
 typedef struct ckv_select_params {
@@ -89,6 +93,8 @@ typedef struct ckv_select_params {
     int pool_max;        /* snapkv: 1 max pooling, 0 average pooling */
     int64_t n_sink;      /* streamingllm: leading tokens always kept */
     uint64_t seed;       /* random */
+    int64_t window;      /* h2o: recent tokens always kept (the queries are all L prompt queries) */
+    double keep_fraction; /* chunkkv-kvpress: fraction of chunks kept, 1 - kvpress's compression_ratio */
     const int64_t *row_starts; /* optional, host memory [B]: row b's tokens start at row_starts[b]
                                 * (left padding before it is masked out of the softmax and never
                                 * kept, unless the row has fewer than n tokens: then the n slots
@@ -102,15 +108,23 @@ void ckv_select_params_init(ckv_select_params *params);
 /* Number of positions ckv_select keeps per row: min(budget, L). */
 int64_t ckv_kept_count(int64_t budget, int64_t L);
 
+/* Columns of ckv_select's indices output for these params and L keys: min(budget, L), except
+ * chunkkv-kvpress: kvpress keeps k = max(1, floor(chunks * keep_fraction)) chunks of c tokens
+ * over all L tokens (the last chunk may be shorter), so the output has min(L, k*c) columns and
+ * a row that kept the short chunk ends with -1 padding. */
+int64_t ckv_select_count(const ckv_select_params *params, int64_t L);
+
 /*
  * ckv_score: the token scores the selection ranks (useful on its own and as
  * the tested core of ckv_select).
  *   queries [B, Hq, w, D]   any float dtype, already rotated (RoPE)
  *   keys    [B, Hkv, L, D]  any float dtype
- *   scores  [B, Hkv, P]     float32 output, contiguous
- * scores[b, g, j] = sum over the G query heads h of KV head g and the w window
- * queries i of softmax_j(scale * q[b,h,i] . k[b,g,j]) over keys j <= P + i
- * (causal inside the window). Accumulated in fp32. With row_starts (see
+ *   scores  [B, Hkv, P]     float32 output, contiguous; P <= L (usually L - w)
+ * scores[b, g, j] = sum over the G query heads h of KV head g and the w
+ * queries i (at positions L - w + i) of softmax_j(scale * q[b,h,i] . k[b,g,j])
+ * over keys j <= L - w + i (causal), for j < P. Accumulated in fp32. With
+ * all L prompt queries this is H2O's column sums, computed in blocks of
+ * queries without an L x L buffer. With row_starts (see
  * ckv_select_params) keys before the start are masked out and window queries
  * before it add nothing.
  */
@@ -126,6 +140,13 @@ ckv_status ckv_score(const ckv_tensor *queries, const ckv_tensor *keys, float sc
  * are taken best-first (ties: lower position) while they fit in budget - w;
  * the first that does not fit is cut to its best tokens and the walk stops.
  * Non-finite scores (from NaN/Inf inputs) are an error.
+ *
+ * chunkkv-kvpress follows kvpress 0.5.x: per KV head, window attention is
+ * averaged over the window queries, average-pooled over pool_kernel tokens and
+ * averaged over the group; window tokens score (global max + 1); heads are
+ * summed; chunks of c tokens over [0, L) score the mean of their tokens; the
+ * best k chunks are kept (see ckv_select_count). per_head and row_starts are
+ * not taken by this mode.
  */
 ckv_status ckv_select(const ckv_tensor *queries, const ckv_tensor *keys,
                       const ckv_select_params *params, ckv_tensor *indices);

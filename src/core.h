@@ -21,14 +21,19 @@ int ckv_threads(void);
 
 /* ---- CPU backend (cpu/) ---- */
 
-/* scores [B, Hkv, P] contiguous fp32. */
+/* scores [B, Hkv, P] contiguous fp32: attention probabilities of keys j < P, summed over the queries
+ * (which sit at the last w positions) and the G heads of each KV head. */
 ckv_status ckv_score_cpu(const ckv_tensor *queries, const ckv_tensor *keys, float scale, const int64_t *row_starts,
-                         float *scores);
+                         int64_t P, float *scores);
 
 /* One selection per row of scores [rows, P] (NULL for score-free methods);
  * out [rows, n] contiguous int64, n = ckv_kept_count(budget, L). */
 ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int64_t L,
                                const ckv_select_params *params, int64_t rows_per_start, int64_t *out);
+
+/* chunkkv-kvpress: token scores [rows, L] -> the best n_keep chunks of c, out [rows, n] padded with -1. */
+ckv_status ckv_select_kvpress_rows_cpu(const float *token_scores, int64_t rows, int64_t L, int64_t c,
+                                       int64_t n_keep, int64_t n, int64_t *out);
 
 ckv_status ckv_gather_cpu(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst);
 

@@ -161,10 +161,15 @@ static ckv_status check_contiguous_out(const char *op, const char *name, const c
     return CKV_OK;
 }
 
+/* Element count; 0 when any dimension is 0, saturating at INT64_MAX (a view with zero strides can
+ * describe more elements than int64 counts, and the product must not overflow on the way to a 0). */
 static int64_t numel(const ckv_tensor *t) {
+    for (int i = 0; i < t->ndim; i++)
+        if (t->shape[i] == 0)
+            return 0;
     int64_t n = 1;
     for (int i = 0; i < t->ndim; i++)
-        n *= t->shape[i];
+        n = n > INT64_MAX / t->shape[i] ? INT64_MAX : n * t->shape[i];
     return n;
 }
 
@@ -206,13 +211,13 @@ static float resolve_scale(float scale, int64_t D) { return scale != 0.0f ? scal
 /* ---------------------------------------------------------------- ckv_score */
 
 static ckv_status score_on_device(const ckv_tensor *q, const ckv_tensor *k, float scale, const int64_t *row_starts,
-                                  float *scores, void *stream) {
+                                  int64_t P, float *scores, void *stream) {
 #ifdef CKV_WITH_CUDA
     if (q->device == CKV_DEVICE_CUDA)
         return ckv_score_cuda(q, k, scale, row_starts, scores, stream);
 #endif
     (void)stream;
-    return ckv_score_cpu(q, k, scale, row_starts, scores);
+    return ckv_score_cpu(q, k, scale, row_starts, P, scores);
 }
 
 /* Row starts, when given, lie in [0, L]. */
@@ -234,41 +239,107 @@ ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, cons
         return ckv_fail(CKV_ERR_VALUE, "%s: scale must be finite", op);
     if ((st = check_row_starts(op, row_starts, k->shape[0], k->shape[2])))
         return st;
-    const int64_t P = k->shape[2] - q->shape[2];
+    const int64_t P = scores->shape[2]; /* usually L - w; H2O scores a shorter prefix with more queries */
     if (scores->dtype != CKV_DTYPE_F32)
         return ckv_fail(CKV_ERR_DTYPE, "%s: scores must be float32, got %s", op, dtype_name(scores->dtype));
-    if (scores->shape[0] != k->shape[0] || scores->shape[1] != k->shape[1] || scores->shape[2] != P)
-        return ckv_fail(CKV_ERR_SHAPE, "%s: scores must have shape [B, Hkv, P] = [%lld, %lld, %lld]", op,
-                        (long long)k->shape[0], (long long)k->shape[1], (long long)P);
+    if (scores->shape[0] != k->shape[0] || scores->shape[1] != k->shape[1] || P > k->shape[2])
+        return ckv_fail(CKV_ERR_SHAPE, "%s: scores must have shape [B, Hkv, P] = [%lld, %lld, P <= L = %lld]", op,
+                        (long long)k->shape[0], (long long)k->shape[1], (long long)k->shape[2]);
     if ((st = check_same_device(op, "scores", scores, q, "queries")) || (st = check_contiguous_out(op, "scores", scores)))
         return st;
     if (numel(scores) == 0)
         return CKV_OK;
-    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), row_starts, (float *)scores->data, NULL);
+    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), row_starts, P, (float *)scores->data, NULL);
 }
 
 /* ---------------------------------------------------------------- ckv_select */
 
-static int method_needs_scores(ckv_method m) { return m == CKV_METHOD_CHUNKKV || m == CKV_METHOD_SNAPKV; }
+static int method_needs_scores(ckv_method m) { return m != CKV_METHOD_STREAMINGLLM && m != CKV_METHOD_RANDOM; }
 
-static ckv_status check_params(const char *op, const ckv_select_params *p, int64_t w) {
+int64_t ckv_select_count(const ckv_select_params *p, int64_t L) {
+    if (p->method != CKV_METHOD_CHUNKKV_KVPRESS)
+        return ckv_kept_count(p->budget, L);
+    const int64_t c = p->chunk_size > 0 ? p->chunk_size : 1;
+    const int64_t chunks = (L + c - 1) / c;
+    int64_t keep = (int64_t)((double)chunks * p->keep_fraction); /* int() of kvpress: truncation */
+    keep = keep < 1 ? 1 : keep > chunks ? chunks : keep;
+    return keep * c < L ? keep * c : L;
+}
+
+/* The prefix P: keys j < P are scored, [P, L) is the window kept whole. */
+static int64_t prefix_length(const ckv_select_params *p, int64_t L, int64_t w) {
+    return p->method == CKV_METHOD_H2O ? L - p->window : L - w;
+}
+
+static ckv_status check_params(const char *op, const ckv_select_params *p, int64_t w, int64_t L) {
     if (!p)
         return ckv_fail(CKV_ERR_VALUE, "%s: params is missing", op);
-    if ((int)p->method < CKV_METHOD_CHUNKKV || (int)p->method > CKV_METHOD_RANDOM)
+    if ((int)p->method < CKV_METHOD_CHUNKKV || (int)p->method > CKV_METHOD_CHUNKKV_KVPRESS)
         return ckv_fail(CKV_ERR_VALUE, "%s: unknown method %d", op, (int)p->method);
-    if (p->budget < w)
-        return ckv_fail(CKV_ERR_VALUE, "%s: budget (%lld) must be >= the window w (%lld): the window is always kept",
-                        op, (long long)p->budget, (long long)w);
     if (p->chunk_size < 1)
         return ckv_fail(CKV_ERR_VALUE, "%s: chunk_size must be >= 1, got %lld", op, (long long)p->chunk_size);
     if (!isfinite(p->scale))
         return ckv_fail(CKV_ERR_VALUE, "%s: scale must be finite", op);
-    if (p->method == CKV_METHOD_SNAPKV && (p->pool_kernel < 1 || p->pool_kernel % 2 == 0))
+    if ((p->method == CKV_METHOD_SNAPKV || p->method == CKV_METHOD_CHUNKKV_KVPRESS) &&
+        (p->pool_kernel < 1 || p->pool_kernel % 2 == 0))
         return ckv_fail(CKV_ERR_VALUE, "%s: pool kernel must be a positive odd number, got %lld", op,
                         (long long)p->pool_kernel);
     if (p->n_sink < 0)
         return ckv_fail(CKV_ERR_VALUE, "%s: n_sink must be >= 0, got %lld", op, (long long)p->n_sink);
+    if (p->method == CKV_METHOD_CHUNKKV_KVPRESS) {
+        if (!(p->keep_fraction > 0.0 && p->keep_fraction <= 1.0))
+            return ckv_fail(CKV_ERR_VALUE, "%s: keep_fraction must be in (0, 1], got %g", op, p->keep_fraction);
+        if (p->per_head || p->row_starts)
+            return ckv_fail(CKV_ERR_VALUE, "%s: chunkkv-kvpress selects one set per row without padding, as kvpress "
+                                           "does: per_head and row_starts are not taken", op);
+        return CKV_OK;
+    }
+    if (p->method == CKV_METHOD_H2O) {
+        if (p->window < 1 || p->window > L)
+            return ckv_fail(CKV_ERR_VALUE, "%s: h2o window (recent tokens) must be in [1, L = %lld], got %lld", op,
+                            (long long)L, (long long)p->window);
+        w = p->window;
+    }
+    if (p->budget < w)
+        return ckv_fail(CKV_ERR_VALUE, "%s: budget (%lld) must be >= the window w (%lld): the window is always kept",
+                        op, (long long)p->budget, (long long)w);
     return CKV_OK;
+}
+
+/* kvpress's token scores out [B, L] from per-head window-attention sums buf [B, H, P] (pooled
+ * in place): mean over the w window queries and the G heads of a group, average pooling (zero
+ * padded, divided by the kernel), window = global max + 1, summed over heads. */
+static void kvpress_token_scores(float *buf, int64_t B, int64_t H, int64_t P, int64_t L, int64_t G, int64_t w,
+                                 int64_t kernel, float *tmp /* [P] */, float *out) {
+    const int64_t half = kernel / 2;
+    const float norm = 1.0f / ((float)w * (float)G);
+    float mx = -INFINITY;
+    for (int64_t r = 0; r < B * H; r++) {
+        float *s = buf + r * P;
+        for (int64_t j = 0; j < P; j++) {
+            float acc = 0.0f;
+            for (int64_t t = j - half; t <= j + half; t++)
+                if (t >= 0 && t < P)
+                    acc += s[t] * norm;
+            tmp[j] = acc / (float)kernel;
+        }
+        for (int64_t j = 0; j < P; j++) {
+            s[j] = tmp[j];
+            mx = s[j] > mx ? s[j] : mx;
+        }
+    }
+    const float window_score = (P > 0 ? mx : 0.0f) + 1.0f;
+    for (int64_t b = 0; b < B; b++) {
+        float *dst = out + b * L;
+        for (int64_t j = 0; j < P; j++) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < H; g++)
+                acc += buf[(b * H + g) * P + j];
+            dst[j] = acc;
+        }
+        for (int64_t j = P; j < L; j++)
+            dst[j] = window_score * (float)H;
+    }
 }
 
 /* Sum the KV-head rows of scores [B, H, P] into [B, P] (the first B*P floats), in head order. */
@@ -286,12 +357,14 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
                       ckv_tensor *indices) {
     static const char op[] = "ckv_select";
     ckv_status st;
-    if ((st = check_queries_keys(op, q, k)) || (st = check_params(op, params, q->shape[2])) ||
+    if ((st = check_queries_keys(op, q, k)) || (st = check_params(op, params, q->shape[2], k->shape[2])) ||
         (st = check_row_starts(op, params->row_starts, k->shape[0], k->shape[2])))
         return st;
-    const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2], P = L - q->shape[2];
-    const int64_t n = ckv_kept_count(params->budget, L);
+    const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2];
+    const int64_t P = prefix_length(params, L, q->shape[2]);
+    const int64_t n = ckv_select_count(params, L);
     const int per_head = params->per_head != 0;
+    const int kvpress = params->method == CKV_METHOD_CHUNKKV_KVPRESS;
     if ((st = check_view(op, "indices", indices, per_head ? 3 : 2)))
         return st;
     if (indices->dtype != CKV_DTYPE_I64)
@@ -314,21 +387,37 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
     if (q->device == CKV_DEVICE_CUDA)
         return ckv_select_cuda(q, k, params, resolve_scale(params->scale, k->shape[3]), (int64_t *)indices->data);
 #endif
-    float *scores = NULL;
-    if (params->budget < L && method_needs_scores(params->method) && P > 0) {
-        scores = malloc((size_t)(B * H * P) * sizeof(float));
-        if (!scores)
-            return ckv_fail(CKV_ERR_NOMEM, "%s: could not allocate %lld token scores", op, (long long)(B * H * P));
-        st = ckv_score_cpu(q, k, resolve_scale(params->scale, k->shape[3]), params->row_starts, scores);
-        if (st == CKV_OK && !per_head)
-            sum_heads(scores, B, H, P);
-        for (int64_t j = 0; st == CKV_OK && j < rows * P; j++)
+    float *scores = NULL, *tmp = NULL;
+    const int need_scores = method_needs_scores(params->method) && (kvpress || (params->budget < L && P > 0));
+    if (need_scores) {
+        /* B and H come from views that may repeat memory (zero strides): B * H * P can overflow */
+        const int64_t per_row = P;
+        if (per_row > 0 && B > (int64_t)(SIZE_MAX / sizeof(float)) / H / per_row)
+            return ckv_fail(CKV_ERR_NOMEM, "%s: %lld x %lld x %lld token scores do not fit in memory", op,
+                            (long long)B, (long long)H, (long long)per_row);
+        scores = malloc((size_t)(B * H * (per_row > 0 ? per_row : 1)) * sizeof(float));
+        tmp = kvpress ? malloc((size_t)(P + B * L + 1) * sizeof(float)) : NULL; /* pooling row + [B, L] */
+        if (!scores || (kvpress && !tmp)) {
+            free(scores);
+            free(tmp);
+            return ckv_fail(CKV_ERR_NOMEM, "%s: could not allocate %lld token scores", op, (long long)(B * H * per_row));
+        }
+        st = ckv_score_cpu(q, k, resolve_scale(params->scale, k->shape[3]), params->row_starts, P, scores);
+        for (int64_t j = 0; st == CKV_OK && j < B * H * P; j++)
             if (!isfinite(scores[j]))
                 st = ckv_fail(CKV_ERR_VALUE, "%s: token scores are not finite (NaN or Inf in queries or keys)", op);
+        if (st == CKV_OK && kvpress)
+            kvpress_token_scores(scores, B, H, P, L, q->shape[1] / H, q->shape[2], params->pool_kernel, tmp, tmp + P);
+        else if (st == CKV_OK && !per_head)
+            sum_heads(scores, B, H, P);
     }
-    if (st == CKV_OK)
+    if (st == CKV_OK && kvpress)
+        st = ckv_select_kvpress_rows_cpu(tmp + P, B, L, params->chunk_size, n / params->chunk_size +
+                                         (n % params->chunk_size != 0), n, (int64_t *)indices->data);
+    else if (st == CKV_OK)
         st = ckv_select_rows_cpu(scores, rows, P, L, params, per_head ? H : 1, (int64_t *)indices->data);
     free(scores);
+    free(tmp);
     return st;
 }
 
@@ -426,11 +515,12 @@ ckv_status ckv_gather(const ckv_tensor *keys, const ckv_tensor *values, const ck
         return st;
     if (keys_out->data && keys_out->data == values_out->data && numel(keys_out) > 0)
         return ckv_fail(CKV_ERR_LAYOUT, "%s: keys_out and values_out must not share memory", op);
+    /* indices are checked even when nothing is copied (D = 0): a bad index is an error whatever D is */
+    const int in_place = numel(keys_out) > 0 && (same_view(keys, keys_out) || same_view(values, values_out));
+    if (keys->device == CKV_DEVICE_CPU && numel(indices) > 0 && (st = check_indices_cpu(op, indices, L, in_place)))
+        return st;
     if (numel(keys_out) == 0)
         return CKV_OK;
-    const int in_place = same_view(keys, keys_out) || same_view(values, values_out);
-    if (keys->device == CKV_DEVICE_CPU && (st = check_indices_cpu(op, indices, L, in_place)))
-        return st;
     if ((st = gather_on_device(keys, indices, keys_out, stream)))
         return st;
     return gather_on_device(values, indices, values_out, stream);

@@ -112,6 +112,11 @@ static void select_row(const float *s, int64_t P, int64_t L, const ckv_select_pa
     case CKV_METHOD_SNAPKV:
         select_snapkv(s, P, Bp, params->pool_kernel, params->pool_max, pooled, tmp, keep);
         break;
+    case CKV_METHOD_H2O: /* heavy hitters: the best Bp column sums (no pooling) */
+        keep_best_tokens(s, 0, P, Bp, tmp, keep);
+        break;
+    case CKV_METHOD_CHUNKKV_KVPRESS: /* handled by ckv_select_kvpress_rows_cpu */
+        break;
     case CKV_METHOD_STREAMINGLLM: {
         /* the first sinks, then the most recent tokens up to the budget */
         const int64_t sinks = params->n_sink < Bp ? params->n_sink : Bp;
@@ -167,6 +172,55 @@ ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int
             for (int64_t j = 0; j < L - start && t < n; j++)
                 if (keep[j])
                     dst[t++] = start + j;
+        }
+        free(buf);
+    }
+    if (failed)
+        return ckv_fail(CKV_ERR_NOMEM, "ckv_select: could not allocate %zu bytes of scratch per thread", bytes);
+    return CKV_OK;
+}
+
+ckv_status ckv_select_kvpress_rows_cpu(const float *token_scores, int64_t rows, int64_t L, int64_t c,
+                                       int64_t n_keep, int64_t n, int64_t *out) {
+    const int64_t nchunks = (L + c - 1) / c;
+    const size_t bytes = (size_t)nchunks * sizeof(ranked) + (size_t)L;
+    int failed = 0;
+    int nthreads = ckv_threads();
+    if (nthreads > rows)
+        nthreads = rows > 0 ? (int)rows : 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        char *buf = malloc(bytes);
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!buf)
+                continue;
+            ranked *chunks = (ranked *)buf;
+            unsigned char *keep = (unsigned char *)(chunks + nchunks);
+            const float *s = token_scores + r * L;
+            for (int64_t m = 0; m < nchunks; m++) { /* the mean of each chunk, the short last one too */
+                const int64_t lo = m * c, hi = lo + c < L ? lo + c : L;
+                double sum = 0.0;
+                for (int64_t j = lo; j < hi; j++)
+                    sum += s[j];
+                chunks[m] = (ranked){sum / (double)(hi - lo), m};
+            }
+            qsort(chunks, (size_t)nchunks, sizeof *chunks, by_score_then_pos);
+            memset(keep, 0, (size_t)L);
+            for (int64_t m = 0; m < n_keep && m < nchunks; m++) {
+                const int64_t lo = chunks[m].pos * c, hi = lo + c < L ? lo + c : L;
+                memset(keep + lo, 1, (size_t)(hi - lo));
+            }
+            int64_t *dst = out + r * n, t = 0;
+            for (int64_t j = 0; j < L && t < n; j++)
+                if (keep[j])
+                    dst[t++] = j;
+            for (; t < n; t++)
+                dst[t] = -1;
         }
         free(buf);
     }

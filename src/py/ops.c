@@ -88,7 +88,8 @@ static PyObject *py_score(PyObject *self, PyObject *args, PyObject *kw) {
 static PyObject *py_select(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"queries", "keys", "indices", "method", "budget", "chunk_size", "scale", "per_head",
-                             "pool_kernel", "pool_max", "n_sink", "seed", "stream", "row_starts", NULL};
+                             "pool_kernel", "pool_max", "n_sink", "seed", "stream", "row_starts", "window",
+                             "keep_fraction", NULL};
     PyObject *caps[3], *starts_obj = Py_None;
     ckv_select_params p;
     ckv_select_params_init(&p);
@@ -96,10 +97,12 @@ static PyObject *py_select(PyObject *self, PyObject *args, PyObject *kw) {
     long long budget = 0, chunk = p.chunk_size, kernel = p.pool_kernel, sinks = p.n_sink;
     unsigned long long seed = 0;
     unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|iLLfpLpLKKO:select", kwlist, &caps[0], &caps[1], &caps[2],
+    long long window = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|iLLfpLpLKKOLd:select", kwlist, &caps[0], &caps[1], &caps[2],
                                      &method, &budget, &chunk, &p.scale, &p.per_head, &kernel, &p.pool_max, &sinks,
-                                     &seed, &stream, &starts_obj))
+                                     &seed, &stream, &starts_obj, &window, &p.keep_fraction))
         return NULL;
+    p.window = window;
     int64_t *starts = NULL;
     p.method = (ckv_method)method;
     p.budget = budget;
@@ -148,12 +151,18 @@ static PyObject *py_gather(PyObject *self, PyObject *args, PyObject *kw) {
     return result;
 }
 
-static PyObject *py_kept_count(PyObject *self, PyObject *args) {
+static PyObject *py_select_count(PyObject *self, PyObject *args) {
     (void)self;
-    long long budget, L;
-    if (!PyArg_ParseTuple(args, "LL:kept_count", &budget, &L))
+    ckv_select_params p;
+    ckv_select_params_init(&p);
+    int method;
+    long long budget, chunk, L;
+    if (!PyArg_ParseTuple(args, "iLLdL:select_count", &method, &budget, &chunk, &p.keep_fraction, &L))
         return NULL;
-    return PyLong_FromLongLong(ckv_kept_count(budget, L));
+    p.method = (ckv_method)method;
+    p.budget = budget;
+    p.chunk_size = chunk;
+    return PyLong_FromLongLong(ckv_select_count(&p, L));
 }
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
@@ -185,7 +194,8 @@ PyMethodDef ckv_py_methods[] = {
      "select(queries, keys, indices, method, budget, ...): kept positions into indices (capsules)."},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_VARARGS | METH_KEYWORDS,
      "gather(keys, values, indices, keys_out, values_out, stream=0): copy kept rows (capsules)."},
-    {"kept_count", py_kept_count, METH_VARARGS, "kept_count(budget, L) -> min(budget, L)."},
+    {"select_count", py_select_count, METH_VARARGS,
+     "select_count(method, budget, chunk_size, keep_fraction, L) -> columns of select's output."},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): CPU threads; n <= 0 restores the default."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict of what this build has."},

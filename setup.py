@@ -85,7 +85,7 @@ def _extension() -> Extension:
         include_dirs=[str(SRC)],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=[str(p.relative_to(ROOT)) for p in SRC.rglob("*.h")],
+        depends=[str(p.relative_to(ROOT)) for pat in ("*.h", "*.cuh", "*.cu") for p in SRC.rglob(pat)],
     )
 
 

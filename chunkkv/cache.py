@@ -55,11 +55,14 @@ class CompressedLayer(DynamicLayer):
         """Tokens the model has seen (not the number stored)."""
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: "int | torch.Tensor") -> tuple[int, int]:
         """(kv_length, kv_offset) for the mask: stored + new tokens, placed at the end of the seen ones.
 
         Stored is the widest compressed layer of the cache (PyramidKV gives layers different budgets);
-        narrower layers use the last columns of the same mask (chunkkv.patching trims it per layer)."""
+        narrower layers use the last columns of the same mask (chunkkv.patching trims it per layer).
+        transformers 4.x passes the new tokens' cache_position tensor instead of their count."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         stored = max(p.keys.shape[-2] for p in self.peers)
         return stored + query_length, self.seen - stored
 

@@ -139,7 +139,10 @@ ckv_status ckv_score(const ckv_tensor *queries, const ckv_tensor *keys, float sc
  * always among them. Chunkkv: chunk m covers [m*c, min((m+1)*c, P)); chunks
  * are taken best-first (ties: lower position) while they fit in budget - w;
  * the first that does not fit is cut to its best tokens and the walk stops.
- * Non-finite scores (from NaN/Inf inputs) are an error.
+ * Non-finite scores (from NaN/Inf inputs) are an error on the CPU. On CUDA,
+ * where reading an error flag would need a host sync, they rank lowest: the
+ * output is still a valid selection, but which prefix tokens it keeps is
+ * unspecified.
  *
  * chunkkv-kvpress follows kvpress 0.5.x: per KV head, window attention is
  * averaged over the window queries, average-pooled over pool_kernel tokens and
@@ -159,7 +162,10 @@ ckv_status ckv_select(const ckv_tensor *queries, const ckv_tensor *keys,
  * An output may be the very same view as its input (same data and strides)
  * restricted to n tokens: the kept rows are then compacted to the front in
  * place, which needs each row of indices strictly increasing. Any other
- * overlap of outputs and inputs is the caller's bug.
+ * overlap of outputs and inputs is the caller's bug. On the CPU indices are
+ * checked first (ValueError); on CUDA, where that would need a host sync, an
+ * out-of-range index writes a row of zeros and nothing outside the buffers
+ * is read or written.
  */
 ckv_status ckv_gather(const ckv_tensor *keys, const ckv_tensor *values, const ckv_tensor *indices,
                       ckv_tensor *keys_out, ckv_tensor *values_out, void *stream);

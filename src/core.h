@@ -40,7 +40,7 @@ ckv_status ckv_gather_cpu(const ckv_tensor *src, const ckv_tensor *indices, ckv_
 /* ---- CUDA backend (cuda/), present when CKV_WITH_CUDA is defined ---- */
 #ifdef CKV_WITH_CUDA
 ckv_status ckv_score_cuda(const ckv_tensor *queries, const ckv_tensor *keys, float scale,
-                          const int64_t *row_starts, float *scores, void *stream);
+                          const int64_t *row_starts, int64_t P, float *scores, void *stream);
 /* The whole of ckv_select on the device (scores, head sum, selection), on params->stream. */
 ckv_status ckv_select_cuda(const ckv_tensor *queries, const ckv_tensor *keys, const ckv_select_params *params,
                            float scale, int64_t *out);

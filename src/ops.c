@@ -214,7 +214,7 @@ static ckv_status score_on_device(const ckv_tensor *q, const ckv_tensor *k, floa
                                   int64_t P, float *scores, void *stream) {
 #ifdef CKV_WITH_CUDA
     if (q->device == CKV_DEVICE_CUDA)
-        return ckv_score_cuda(q, k, scale, row_starts, scores, stream);
+        return ckv_score_cuda(q, k, scale, row_starts, P, scores, stream);
 #endif
     (void)stream;
     return ckv_score_cpu(q, k, scale, row_starts, P, scores);

@@ -169,7 +169,7 @@ def score(queries: Tensor, keys: Tensor, *, scale: Optional[float] = None, row_s
     P = max(ks[2] - qs[2], 0) if prefix is None else _int_arg(prefix, "prefix", 0)
     out = _empty_like_kind(keys, (ks[0], ks[1], P), "float32")
     _C.score(_export(queries, "queries"), _export(keys, "keys"), _export(out, "scores"), _scale_arg(scale),
-             _row_starts_arg(row_starts))
+             _row_starts_arg(row_starts), stream=_stream_of(keys) or 0)
     return out
 
 

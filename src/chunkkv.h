@@ -129,7 +129,7 @@ int64_t ckv_select_count(const ckv_select_params *params, int64_t L);
  * before it add nothing.
  */
 ckv_status ckv_score(const ckv_tensor *queries, const ckv_tensor *keys, float scale,
-                     const int64_t *row_starts, ckv_tensor *scores);
+                     const int64_t *row_starts, ckv_tensor *scores, void *stream);
 
 /*
  * ckv_select: the positions to keep.

@@ -230,7 +230,7 @@ static ckv_status check_row_starts(const char *op, const int64_t *starts, int64_
 }
 
 ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, const int64_t *row_starts,
-                     ckv_tensor *scores) {
+                     ckv_tensor *scores, void *stream) {
     static const char op[] = "ckv_score";
     ckv_status st;
     if ((st = check_queries_keys(op, q, k)) || (st = check_view(op, "scores", scores, 3)))
@@ -249,7 +249,7 @@ ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, cons
         return st;
     if (numel(scores) == 0)
         return CKV_OK;
-    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), row_starts, P, (float *)scores->data, NULL);
+    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), row_starts, P, (float *)scores->data, stream);
 }
 
 /* ---------------------------------------------------------------- ckv_select */

@@ -62,11 +62,12 @@ static int64_t batch_of(const ckv_borrowed *keys) { return keys->view.ndim == 4 
 
 static PyObject *py_score(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kwlist[] = {"queries", "keys", "scores", "scale", "row_starts", NULL};
+    static char *kwlist[] = {"queries", "keys", "scores", "scale", "row_starts", "stream", NULL};
     PyObject *caps[3], *starts_obj = Py_None;
     float scale = 0.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|fO:score", kwlist, &caps[0], &caps[1], &caps[2], &scale,
-                                     &starts_obj))
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|fOK:score", kwlist, &caps[0], &caps[1], &caps[2], &scale,
+                                     &starts_obj, &stream))
         return NULL;
     int64_t *starts = NULL;
     static const char *names[] = {"queries", "keys", "scores"};
@@ -76,7 +77,7 @@ static PyObject *py_score(PyObject *self, PyObject *args, PyObject *kw) {
     if (borrow_all(3, caps, names, writable, b) == 0 && parse_row_starts(starts_obj, batch_of(&b[1]), &starts) == 0) {
         ckv_status st;
         Py_BEGIN_ALLOW_THREADS
-        st = ckv_score(&b[0].view, &b[1].view, scale, starts, &b[2].view);
+        st = ckv_score(&b[0].view, &b[1].view, scale, starts, &b[2].view, (void *)(uintptr_t)stream);
         Py_END_ALLOW_THREADS
         result = st == CKV_OK ? Py_NewRef(Py_None) : ckv_raise(st);
     }

@@ -107,7 +107,7 @@ def layer_positions(layer: DynamicLayer) -> Optional[torch.Tensor]:
     """Absolute positions of the tokens a cache layer holds ([B, n] or [B, Hkv, n]); None if empty."""
     if isinstance(layer, CompressedLayer):
         return layer.positions()
-    if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+    if getattr(layer, "keys", None) is None or layer.keys.ndim != 4 or layer.keys.numel() == 0:
         return None
     B, L = layer.keys.shape[0], layer.keys.shape[-2]
     start = layer.get_seq_length() - L  # 0 for a plain full-attention layer

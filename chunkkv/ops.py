@@ -96,6 +96,15 @@ def _int_arg(value: Any, name: str, minimum: Optional[int] = None) -> int:
     return value
 
 
+def _seed_arg(seed: Any) -> int:
+    """Any int in [0, 2**64): the core's generator takes all 64 bits."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
+    return int(seed)
+
+
 def _scale_arg(scale: Optional[float], name: str = "scale") -> float:
     if scale is None:
         return 0.0  # the core uses 1/sqrt(D)
@@ -212,7 +221,7 @@ def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, 
     _C.select(_export(queries, "queries"), _export(keys, "keys"), _export(out, "indices"),
               method=code, budget=budget, chunk_size=chunk_size,
               scale=_scale_arg(scale), per_head=bool(per_head), pool_kernel=_int_arg(pool_kernel, "pool_kernel"),
-              pool_max=pool == "max", n_sink=_int_arg(n_sink, "n_sink"), seed=_int_arg(seed, "seed", 0) & (2**64 - 1),
+              pool_max=pool == "max", n_sink=_int_arg(n_sink, "n_sink"), seed=_seed_arg(seed),
               stream=_stream_of(keys) or 0, row_starts=_row_starts_arg(row_starts), window=window,
               keep_fraction=float(keep_fraction))
     if method == "chunkkv-kvpress":

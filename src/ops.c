@@ -490,6 +490,9 @@ ckv_status ckv_gather(const ckv_tensor *keys, const ckv_tensor *values, const ck
         return st;
     if ((st = check_float(op, "keys", keys)) || (st = check_float(op, "values", values)))
         return st;
+    if (values->dtype != keys->dtype)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: values must have the dtype of keys (%s), got %s", op, dtype_name(keys->dtype),
+                        dtype_name(values->dtype));
     for (int i = 0; i < 4; i++)
         if (keys->shape[i] != values->shape[i])
             return ckv_fail(CKV_ERR_SHAPE, "%s: values must have the shape of keys; dimension %d is %lld, not %lld", op,

@@ -131,7 +131,12 @@ def random_shape(rng, cost=1.0e6):
     u = rng.random()
     L = int(rng.integers(1, 41) if u < 0.3 else rng.integers(41, 401) if u < 0.75 else rng.integers(401, 3001))
     u = rng.random()
-    w = 1 if u < 0.2 else L if u < 0.3 else int(rng.integers(1, min(L, 32) + 1)) if u < 0.8 else int(rng.integers(1, L + 1))
+    if u < 0.2:
+        w = 1
+    elif u < 0.3:
+        w = L
+    else:
+        w = int(rng.integers(1, (min(L, 32) if u < 0.8 else L) + 1))
     while B * Hkv * G * w * L > cost and (w > 1 or G > 1 or Hkv > 1 or B > 1):
         if w > 1:
             w = max(1, w // 2)

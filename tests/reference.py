@@ -48,17 +48,17 @@ def score(q, k, scale=None, row_starts=None) -> np.ndarray:
     qg = q.reshape(B, Hkv, G * w, D)                                 # query head g*G + h, row h*w + i
     logits = (scale * (qg @ k.swapaxes(-1, -2))).reshape(B, Hkv, G, w, L)
     j = np.arange(L)
-    causal = j[None, :] <= (P + np.arange(w))[:, None]               # [w, L]
+    causal = j[None, :] <= (P + np.arange(w))[:, None]               # [w, L]: query i sees keys j <= P + i
     starts = np.zeros(B, dtype=np.int64) if row_starts is None else np.asarray(row_starts, dtype=np.int64)
     for b in range(B):
         visible = causal & (j[None, :] >= starts[b])                 # [w, L]
-        lg = np.where(visible, logits[b], -np.inf)
+        lg = logits[b] + np.where(visible, 0.0, -np.inf)             # [Hkv, G, w, L]
         mx = lg.max(axis=-1, keepdims=True)
-        live = np.isfinite(mx)                                       # queries that see at least one key
-        e = np.where(visible, np.exp(lg - np.where(live, mx, 0.0)), 0.0)
-        den = e.sum(axis=-1, keepdims=True)
-        p = np.divide(e, den, out=np.zeros_like(e), where=den > 0)
-        out[b] = p[..., :P].sum(axis=(1, 2))
+        lg -= np.where(np.isfinite(mx), mx, 0.0)                     # a query that sees no key stays -inf
+        np.exp(lg, out=lg)                                           # masked keys: exp(-inf) = 0
+        den = lg.sum(axis=-1)                                        # [Hkv, G, w]
+        inv = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0).reshape(Hkv, 1, G * w)
+        out[b] = (inv @ lg[..., :P].reshape(Hkv, G * w, P))[:, 0]    # sum over query rows of p[..., :P]
     return out
 
 

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import chunkkv
 from chunkkv.cache import CompressedLayer, layer_positions
 from chunkkv.compressors import METHODS, pyramid_budgets
-from tiny_models import tiny_model
+from tiny_models import tiny_model, with_cache
 
 torch.set_grad_enabled(False)
 RNG = np.random.default_rng(1234)
@@ -169,7 +169,7 @@ def test_every_method_runs_through_patch_and_generate(method, reuse, attn):
     ids = _prompt(2, 160, seed=3)
     cache = DynamicCache(config=model.config)
     with chunkkv.patch(model, keep_ratio=0.3, method=method, reuse=reuse) as h:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=5,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(cache), max_new_tokens=5,
                              do_sample=False, pad_token_id=0)
     assert out.shape == (2, 165)
     lengths = [layer.keys.shape[-2] for layer in cache.layers]

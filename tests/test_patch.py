@@ -7,7 +7,7 @@ from transformers import DynamicCache, StaticCache
 
 import chunkkv
 from chunkkv.cache import CompressedLayer, layer_positions
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model, with_cache
 
 torch.set_grad_enabled(False)
 
@@ -33,11 +33,11 @@ def test_logits_equal_full_cache_with_dropped_positions_masked(family, attn):
     prompt, follow = ids[:, :L], ids[:, L:]
     with chunkkv.patch(model, budget=budget, window=8, chunk_size=5, reuse=n_layers):
         cache = DynamicCache(config=model.config)
-        model(prompt, cache=cache, use_cache=True)
+        model(prompt, **with_cache(cache), use_cache=True)
         kept = cache.layers[0].positions()  # [B, budget], shared by every layer (reuse = layers)
         logits = []
         for t in range(T):
-            out = model(follow[:, t:t + 1], cache=cache, use_cache=True)
+            out = model(follow[:, t:t + 1], **with_cache(cache), use_cache=True)
             logits.append(out.logits[:, -1])
     compressed = torch.stack(logits, 1)
 
@@ -77,7 +77,7 @@ def test_layers_hold_budget_followers_share_leader_positions(reuse, per_head):
     ids = _prompt(2, L, seed=3)
     with chunkkv.patch(model, budget=budget, window=window, chunk_size=chunk, reuse=reuse, per_head=per_head) as h:
         cache = DynamicCache(config=model.config)
-        model(ids, cache=cache, use_cache=True)
+        model(ids, **with_cache(cache), use_cache=True)
     n_layers = model.config.num_hidden_layers
     assert h.stats.selections == -(-n_layers // reuse)
     assert h.stats.gathers == n_layers
@@ -111,7 +111,7 @@ def test_follower_layers_do_not_score(monkeypatch):
     monkeypatch.setattr(chunkkv.ops, "select", counting_select)
     model = tiny_model("llama", num_hidden_layers=6)
     with chunkkv.patch(model, budget=30, window=8, reuse=3):
-        model(_prompt(1, 80), cache=DynamicCache(config=model.config), use_cache=True)
+        model(_prompt(1, 80), **with_cache(DynamicCache(config=model.config)), use_cache=True)
     assert calls["select"] == 2
 
 
@@ -120,7 +120,7 @@ def test_keep_ratio_and_decoding_appends_after_kept_tokens():
     ids = _prompt(1, 200)
     with chunkkv.patch(model, keep_ratio=0.25, window=16):
         cache = DynamicCache(config=model.config)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=5,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(cache), max_new_tokens=5,
                              do_sample=False, pad_token_id=0)
     layer = cache.layers[0]
     assert cache.get_seq_length() == 204  # 200 prompt + 4 decoded tokens stored (the 5th is not fed back)
@@ -134,10 +134,10 @@ def test_multi_turn_second_generate_continues_on_the_cache():
     turn1 = _prompt(1, 120, seed=5)
     with chunkkv.patch(model, budget=40, window=8) as h:
         cache = DynamicCache(config=model.config)
-        out1 = model.generate(turn1, attention_mask=torch.ones_like(turn1), cache=cache, max_new_tokens=4,
+        out1 = model.generate(turn1, attention_mask=torch.ones_like(turn1), **with_cache(cache), max_new_tokens=4,
                               do_sample=False, pad_token_id=0)
         turn2 = torch.cat([out1, _prompt(1, 50, seed=6)], dim=1)
-        out2 = model.generate(turn2, attention_mask=torch.ones_like(turn2), cache=cache, max_new_tokens=4,
+        out2 = model.generate(turn2, attention_mask=torch.ones_like(turn2), **with_cache(cache), max_new_tokens=4,
                               do_sample=False, pad_token_id=0)
     assert torch.equal(out2[:, :turn2.shape[1]], turn2)
     assert cache.get_seq_length() == turn2.shape[1] + 3
@@ -161,13 +161,13 @@ def test_left_padded_batch_rows_match_their_own_unpadded_runs(attn):
         mask[r, Lmax - ids.shape[1]:] = 1
     with chunkkv.patch(model, budget=budget, window=8, chunk_size=4):
         cache = DynamicCache(config=model.config)
-        out = model.generate(batch, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False,
+        out = model.generate(batch, attention_mask=mask, **with_cache(cache), max_new_tokens=6, do_sample=False,
                              pad_token_id=0)[:, Lmax:]
         pos = cache.layers[0].positions()
         singles = []
         for ids in rows:
             c = DynamicCache(config=model.config)
-            singles.append(_greedy(model, ids, 6, cache=c))
+            singles.append(_greedy(model, ids, 6, **with_cache(c)))
             single_pos = layer_positions(c.layers[0])[0, :min(budget, ids.shape[1])]
             r = len(singles) - 1
             pad = Lmax - ids.shape[1]
@@ -187,7 +187,7 @@ def test_every_family_generates_with_compressed_full_layers(family, attn):
     ids = _prompt(2, 80, seed=11)
     with chunkkv.patch(model, budget=24, window=8, reuse=2) as h:
         cache = DynamicCache(config=model.config)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=4,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(cache), max_new_tokens=4,
                              do_sample=False, pad_token_id=0)
     assert out.shape == (2, 84)
     full = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
@@ -205,7 +205,7 @@ def test_static_cache_is_refused_with_a_reason():
     with chunkkv.patch(model, budget=16, window=8):
         with pytest.raises(TypeError, match="DynamicCache"):
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
-                           cache=StaticCache(config=model.config, max_cache_len=64), pad_token_id=0)
+                           **with_cache(StaticCache(config=model.config, max_cache_len=64)), pad_token_id=0)
 
 
 @pytest.mark.parametrize("kwargs, error", [

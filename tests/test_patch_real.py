@@ -10,6 +10,7 @@ from chunkkv.cache import CompressedLayer
 from chunkkv.compressors import METHODS
 from chunkkv.models import load_smollm2, load_stories260k
 from shared_data import require_smollm2, stories_folder
+from tiny_models import with_cache
 
 torch.set_grad_enabled(False)
 STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
@@ -47,7 +48,7 @@ def test_compressed_generation_on_the_real_model(stories, method, reuse):
     budget = n_prompt // 3
     cache = DynamicCache(config=model.config)
     with chunkkv.patch(model, budget=budget, window=16, reuse=reuse, method=method) as h:
-        out = _generate(model, tok, text, n=12, cache=cache)
+        out = _generate(model, tok, text, n=12, **with_cache(cache))
     assert out.shape[0] == 12
     assert h.stats.selections == -(-model.config.num_hidden_layers // reuse)
     stored = [layer.keys.shape[-2] - 11 for layer in cache.layers]

@@ -32,3 +32,12 @@ def tiny_model(family: str = "llama", attn: str = "eager", seed: int = 0, **over
             if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
                 p.mul_(8.0)
     return model
+
+
+#: the keyword models and generate() take the cache under: "cache" in transformers 5, "past_key_values" in 4.x
+CACHE_KW = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+
+
+def with_cache(cache) -> dict:
+    """{CACHE_KW: cache}, to pass a cache to forward() or generate() on either major version."""
+    return {CACHE_KW: cache}

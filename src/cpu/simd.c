@@ -14,38 +14,35 @@
 #define CKV_CLONES
 #endif
 
+/* Rows [r, r + ROWS) of the product: each key-tile row is loaded once for ROWS query rows, and
+ * the ROWS x 32 accumulators stay in registers (8 zmm with AVX-512). */
+#define CKV_DOT_ROWS(ROWS)                                                                          \
+    static inline void dot_rows_##ROWS(const float *q, int64_t D, const float *kt, float *out, int64_t ld, \
+                                       int64_t T) {                                                \
+        float acc[ROWS][CKV_KEY_TILE] = {{0}};                                                      \
+        for (int64_t d = 0; d < D; d++) {                                                           \
+            const float *krow = kt + d * CKV_KEY_TILE;                                              \
+            for (int i = 0; i < ROWS; i++) {                                                        \
+                const float a = q[i * D + d];                                                       \
+                for (int t = 0; t < CKV_KEY_TILE; t++)                                              \
+                    acc[i][t] += a * krow[t];                                                       \
+            }                                                                                       \
+        }                                                                                           \
+        for (int i = 0; i < ROWS; i++)                                                              \
+            for (int64_t t = 0; t < T; t++)                                                         \
+                out[i * ld + t] = acc[i][t];                                                        \
+    }
+
+CKV_DOT_ROWS(4)
+CKV_DOT_ROWS(1)
+
 CKV_CLONES
 void ckv_dot_tile(const float *q, int64_t R, int64_t D, const float *kt, float *out, int64_t ld, int64_t T) {
     int64_t r = 0;
-    /* two query rows at a time: each key-tile row is loaded once for both */
-    for (; r + 2 <= R; r += 2) {
-        float acc0[CKV_KEY_TILE] = {0}, acc1[CKV_KEY_TILE] = {0};
-        const float *q0 = q + r * D, *q1 = q0 + D;
-        for (int64_t d = 0; d < D; d++) {
-            const float a = q0[d], b = q1[d];
-            const float *krow = kt + d * CKV_KEY_TILE;
-            for (int t = 0; t < CKV_KEY_TILE; t++) {
-                acc0[t] += a * krow[t];
-                acc1[t] += b * krow[t];
-            }
-        }
-        for (int64_t t = 0; t < T; t++) {
-            out[r * ld + t] = acc0[t];
-            out[(r + 1) * ld + t] = acc1[t];
-        }
-    }
-    for (; r < R; r++) {
-        float acc[CKV_KEY_TILE] = {0};
-        const float *q0 = q + r * D;
-        for (int64_t d = 0; d < D; d++) {
-            const float a = q0[d];
-            const float *krow = kt + d * CKV_KEY_TILE;
-            for (int t = 0; t < CKV_KEY_TILE; t++)
-                acc[t] += a * krow[t];
-        }
-        for (int64_t t = 0; t < T; t++)
-            out[r * ld + t] = acc[t];
-    }
+    for (; r + 4 <= R; r += 4)
+        dot_rows_4(q + r * D, D, kt, out + r * ld, ld, T);
+    for (; r < R; r++)
+        dot_rows_1(q + r * D, D, kt, out + r * ld, ld, T);
 }
 
 /* exp(x) for x <= 0 (the argument is always minus a row maximum): x = n ln2 + f
@@ -56,7 +53,8 @@ static inline float exp_nonpositive(float x) {
     const float xc = x > -87.0f ? x : -87.0f; /* also maps NaN into range: no UB in the cast */
     const float t = xc * 1.44269504088896341f;
     const int n = (int)(t - 0.5f); /* truncation of a negative number: t - n in (-0.5, 0.5] */
-    const float f = xc - (float)n * 0.693147180559945309f;
+    /* Cody-Waite: ln2 split in a part exact when multiplied by n and a small correction */
+    const float f = (xc - (float)n * 0.693145751953125f) - (float)n * 1.428606765330187e-06f;
     float p = 1.0f / 720.0f;
     p = p * f + 1.0f / 120.0f;
     p = p * f + 1.0f / 24.0f;

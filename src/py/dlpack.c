@@ -11,6 +11,7 @@
  */
 #include "binding.h"
 
+#include <stdint.h>
 #include <string.h>
 
 #include "../dlpack_abi.h"
@@ -61,17 +62,30 @@ static int to_view(const ckv_dl_tensor *t, const char *arg, ckv_tensor *v) {
     }
     v->device_id = t->device.device_id;
     v->ndim = t->ndim;
-    int64_t contiguous = 1;
+    int64_t contiguous = 1; /* saturates: a shape whose product overflows is empty or rejected by the core */
+    int empty = 0;
     for (int i = t->ndim - 1; i >= 0; i--) {
         v->shape[i] = t->shape[i];
         v->strides[i] = t->strides ? t->strides[i] : contiguous; /* NULL strides: row-major */
-        contiguous *= t->shape[i];
+        if (t->shape[i] <= 0)
+            empty = 1;
+        else
+            contiguous = contiguous > INT64_MAX / t->shape[i] ? INT64_MAX : contiguous * t->shape[i];
     }
-    if (!t->data && contiguous != 0) {
+    if (empty) /* nothing is read or written: no pointer arithmetic on a possibly NULL data pointer */
+        v->data = t->data;
+    else if (!t->data) {
         PyErr_Format(PyExc_BufferError, "%s: the DLPack tensor has no data pointer", arg);
         return -1;
+    } else
+        v->data = (char *)t->data + t->byte_offset;
+    /* the kernels load elements through typed pointers: a misaligned one is undefined behaviour
+     * (and can fault in vectorised loops), so take only elements aligned to their size */
+    if (!empty && (uintptr_t)v->data % (uintptr_t)(t->dtype.bits / 8) != 0) {
+        PyErr_Format(PyExc_BufferError, "%s: the tensor's data is not aligned to its %d-byte elements (address %p)",
+                     arg, t->dtype.bits / 8, v->data);
+        return -1;
     }
-    v->data = (char *)t->data + t->byte_offset;
     return 0;
 }
 
@@ -112,6 +126,15 @@ int ckv_borrow(PyObject *capsule, const char *arg, int writable, ckv_borrowed *o
 void ckv_release(ckv_borrowed *b) {
     if (!b->managed)
         return;
+    /* A failed call releases with its exception already set; a deleter may run Python code (a
+     * ctypes or Cython producer, or a DECREF that frees an object), which must not start with a
+     * pending exception. Park it for the deleter and put it back after. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *pending_type, *pending_value, *pending_tb;
+    PyErr_Fetch(&pending_type, &pending_value, &pending_tb);
+#endif
     if (b->versioned) {
         ckv_dl_managed_versioned *m = b->managed;
         if (m->deleter)
@@ -122,4 +145,9 @@ void ckv_release(ckv_borrowed *b) {
             m->deleter(m);
     }
     b->managed = NULL;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(pending_type, pending_value, pending_tb);
+#endif
 }

@@ -188,6 +188,7 @@ def main() -> None:
                "runs": len(rows), "kvpress": "0.5.5", "model": os.path.basename(gguf)}
     Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     job.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)  # the worker's raw output: its figures are in the rows above
     print(json.dumps(summary, indent=1))
 
 

@@ -19,6 +19,11 @@ size_t ckv_itemsize(ckv_dtype dtype);
 /* Threads a CPU kernel may use right now. */
 int ckv_threads(void);
 
+/* Threads for a kernel of `tasks` independent tasks and about `work` elementary operations in all:
+ * one below a few microseconds of work (waking a team, and its spinning barrier when the cores are
+ * busy with torch's own OpenMP pool, would cost more than it saves), never more than tasks. */
+int ckv_threads_for(int64_t tasks, double work);
+
 /* ---- CPU backend (cpu/) ---- */
 
 /* scores [B, Hkv, P] contiguous fp32: attention probabilities of keys j < P, summed over the queries

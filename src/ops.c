@@ -52,6 +52,13 @@ int ckv_threads(void) {
 
 int ckv_get_num_threads(void) { return ckv_threads(); }
 
+int ckv_threads_for(int64_t tasks, double work) {
+    int n = ckv_threads();
+    if (work < 1 << 20 || tasks < 2)
+        return 1;
+    return tasks < n ? (int)tasks : n;
+}
+
 /* ---------------------------------------------------------------- build facts */
 
 int ckv_has_openmp(void) {

@@ -18,9 +18,7 @@ ckv_status ckv_gather_cpu(const ckv_tensor *src, const ckv_tensor *indices, ckv_
     const int64_t isz = (int64_t)ckv_itemsize(src->dtype);
     const int rows_contiguous = src->strides[3] == 1 && dst->strides[3] == 1;
     const int64_t tasks = B * H;
-    int nthreads = ckv_threads();
-    if (nthreads > tasks)
-        nthreads = tasks > 0 ? (int)tasks : 1;
+    const int nthreads = ckv_threads_for(tasks, (double)tasks * (double)n * (double)(D * isz) / 4.0);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t b = task / H, g = task % H;

@@ -99,9 +99,7 @@ ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, 
     const int64_t block = w < CKV_QUERY_BLOCK ? w : CKV_QUERY_BLOCK;
     const int64_t tasks = k->shape[0] * H;
     const size_t per_task = task_scratch(G * block, L, D);
-    int nthreads = ckv_threads();
-    if (nthreads > tasks)
-        nthreads = tasks > 0 ? (int)tasks : 1;
+    const int nthreads = ckv_threads_for(tasks, (double)tasks * (double)(G * w) * (double)L * (double)D);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {

@@ -139,9 +139,7 @@ ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int
     const int64_t c = params->chunk_size < P ? params->chunk_size : P;
     const size_t nranked = (size_t)(P + c + 1);
     const size_t bytes = (size_t)L + nranked * sizeof(ranked) + (size_t)P * sizeof(float);
-    int nthreads = ckv_threads();
-    if (nthreads > rows)
-        nthreads = rows > 0 ? (int)rows : 1;
+    const int nthreads = ckv_threads_for(rows, 16.0 * (double)rows * (double)L);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -185,9 +183,7 @@ ckv_status ckv_select_kvpress_rows_cpu(const float *token_scores, int64_t rows, 
     const int64_t nchunks = (L + c - 1) / c;
     const size_t bytes = (size_t)nchunks * sizeof(ranked) + (size_t)L;
     int failed = 0;
-    int nthreads = ckv_threads();
-    if (nthreads > rows)
-        nthreads = rows > 0 ? (int)rows : 1;
+    const int nthreads = ckv_threads_for(rows, 16.0 * (double)rows * (double)L);
 #pragma omp parallel num_threads(nthreads)
     {
         char *buf = malloc(bytes);

@@ -1,0 +1,225 @@
+"""Fast smoke tests of the evaluation scripts in benchmarks/: each runs as a subprocess on the tiny
+pretrained stories260K with short contexts and --limit 2, writes the expected JSON entries, and a rerun
+skips everything (resume). Plus unit tests of the shared helpers and a check that the engine's prefix
+sharing and batched decoding give exactly what model.generate gives under chunkkv.patch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared_data import missing, shared_dir, stories_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import common as C  # noqa: E402
+import report  # noqa: E402
+
+METHODS = "full,chunkkv,chunkkv:reuse=2,snapkv"
+
+
+def shared_file(*parts: str) -> Path:
+    path = shared_dir().joinpath(*parts)
+    if not path.exists():
+        missing(f"{path} not found (set CHUNKKV_SHARED to the shared folder)")
+    return path
+
+
+def run_script(name: str, out: Path, *args: str) -> str:
+    env = dict(os.environ, CHUNKKV_SHARED=str(shared_dir()), PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--model", str(stories_folder()), "--out", str(out),
+           "--quiet", "--threads", "1", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+def check_resume(name: str, out: Path, n: int, capsys, *args: str) -> None:
+    """A rerun (in this process: nothing is left to run, so no model is loaded) skips every entry."""
+    import importlib
+
+    before = json.loads(out.read_text())["results"]
+    capsys.readouterr()
+    module = importlib.import_module(name)
+    assert module.main(["--model", str(stories_folder()), "--out", str(out), "--quiet", *args]) == 0
+    stdout = capsys.readouterr().out
+    assert f"{n} already in" in stdout and " 0 to run" in stdout, stdout
+    assert json.loads(out.read_text())["results"] == before
+
+
+def results(out: Path) -> dict:
+    data = json.loads(out.read_text())
+    return data["results"]
+
+
+# -- the scripts ---------------------------------------------------------------------------------------
+def test_niah(tmp_path, capsys):
+    out = tmp_path / "niah.json"
+    args = ("--lengths", "200,400", "--depths", "0,50,100", "--limit", "2", "--methods", METHODS,
+            "--budgets", "48,0.2", "--max-new-tokens", "6")
+    stdout = run_script("niah", out, *args)
+    res = results(out)
+    assert len(res) == 2 * (1 + 3 * 2)  # 2 cells x (full + 3 methods x 2 budgets)
+    assert {e["length"] for e in res.values()} == {200} and {e["depth"] for e in res.values()} == {100, 50}
+    for e in res.values():
+        assert 0.0 <= e["score"] <= 1.0 and e["prompt_tokens"] <= 200
+        assert e["kv_tokens"] == (e["prompt_tokens"] if e["method"] == "full" else
+                                  48 if e["budget"] == "48" else -(-e["prompt_tokens"] // 5))
+    assert "| method" in stdout
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("niah_*.png"))
+    assert "niah_full.png" in plots and "niah_chunkkv-reuse-2_48.png" in plots and len(plots) == 7
+    check_resume("niah", out, 14, capsys, *args)
+
+
+def test_ruler(tmp_path, capsys):
+    out = tmp_path / "ruler.json"
+    args = ("--lengths", "450", "--limit", "2", "--tasks", "passkey,niah_single,niah_multikey,vt",
+            "--methods", "full,chunkkv,streamingllm", "--budgets", "0.3")
+    run_script("ruler", out, *args)
+    res = results(out)
+    assert len(res) == 4 * 2 * 3
+    for e in res.values():
+        assert e["task"] in ("passkey", "niah_single", "niah_multikey", "vt") and e["expected"]
+        assert 0.0 <= e["score"] <= 1.0 and 400 <= e["prompt_tokens"] <= 450
+    assert {len(e["expected"]) for e in res.values() if e["task"] == "vt"} == {5}
+    check_resume("ruler", out, 24, capsys, *args)
+
+
+def test_longbench(tmp_path, capsys):
+    data = shared_file("data", "longbench", "multi_news.jsonl")
+    out = tmp_path / "lb.json"
+    args = ("--data", str(data), "--limit", "2", "--methods", "full,chunkkv,h2o", "--budgets", "64",
+            "--max-new-tokens", "8")
+    run_script("longbench", out, *args)
+    res = results(out)
+    assert len(res) == 2 * 3
+    for e in res.values():
+        assert e["task"] == "multi_news" and 0.0 <= e["score"] <= 1.0
+        assert e["prompt_tokens"] <= 512 - 8  # middle-truncated to the window minus the answer
+    check_resume("longbench", out, 6, capsys, *args)
+
+
+def test_gsm8k(tmp_path, capsys):
+    train = shared_file("data", "gsm8k", "train.jsonl")
+    out = tmp_path / "gsm.json"
+    args = ("--train", str(train), "--shots", "1", "--limit", "2", "--methods", "full,chunkkv,pyramidkv",
+            "--budgets", "0.5", "--max-new-tokens", "8")
+    run_script("gsm8k", out, *args)
+    res = results(out)
+    assert len(res) == 2 * 3
+    for e in res.values():
+        assert e["score"] in (0.0, 1.0) and e["shots"] == 1 and isinstance(e["reference"], float)
+    check_resume("gsm8k", out, 6, capsys, *args)
+
+
+def test_fidelity(tmp_path, capsys):
+    out = tmp_path / "fid.json"
+    args = ("--source", "filler", "--length", "160", "--limit", "1", "--new-tokens", "4",
+            "--methods", "chunkkv,chunkkv:reuse=2,snapkv", "--budgets", "0.25")
+    run_script("fidelity", out, *args)
+    res = results(out)
+    assert len(res) == 3
+    n_layers = 5  # stories260K
+    for e in res.values():
+        assert len(e["kv_l1_layers"]) == n_layers and len(e["jaccard_layers"]) == n_layers - 1
+        assert e["kv_l1"] > 0 and -1 <= e["attn_out_cos"] <= 1 and 0 <= e["jaccard"] <= 1
+    reuse = next(e for e in res.values() if e["method"] == "chunkkv:reuse=2")
+    assert reuse["jaccard_layers"][0] == 1.0 and reuse["jaccard_layers"][2] == 1.0  # layers 0-1, 2-3 share indices
+    check_resume("fidelity", out, 3, capsys, *args)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def test_method_and_budget_parsing():
+    specs = C.parse_methods("full, chunkkv,chunkkv:reuse=2,snapkv:window=16:per_head=false,chunkkv:reuse=1")
+    assert [s.label for s in specs] == ["full", "chunkkv", "chunkkv:reuse=2", "snapkv:per_head=false:window=16"]
+    assert specs[3].patch_kwargs() == {"per_head": False, "window": 16} and specs[3].window == 16
+    for bad in ("nope", "chunkkv:reuse", "full:reuse=2", "chunkkv:budget=3"):
+        with pytest.raises(ValueError):
+            C.parse_methods(bad)
+    budgets = C.parse_budgets("64,0.1,128,64")
+    assert [b.label for b in budgets] == ["64", "0.1", "128"]
+    assert budgets[0].patch_kwargs() == {"budget": 64} and budgets[1].patch_kwargs() == {"keep_ratio": 0.1}
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(ValueError):
+            C.parse_budgets(bad)
+    plan = C.runs(specs[:2], budgets[:2])
+    assert [(s.label, C.budget_label(b)) for s, b in plan] == [("full", "-"), ("chunkkv", "64"), ("chunkkv", "0.1")]
+
+
+def test_result_store_resumes(tmp_path):
+    path = tmp_path / "r.json"
+    store = C.ResultStore(path, "niah", {"model": "m"})
+    store.put("a", {"x": 1})
+    store.save()
+    again = C.ResultStore(path, "niah", {"model": "m"})
+    assert again.pending(["a", "b"]) == ["b"] and again.skipped == 1
+    with pytest.raises(SystemExit):
+        C.ResultStore(path, "niah", {"model": "other"})
+    with pytest.raises(SystemExit):
+        C.ResultStore(path, "ruler", {"model": "m"})
+
+
+def test_report_keeps_foreign_sections(tmp_path):
+    text = "hand-written intro\n\n<!-- BEGIN speed -->\nspeed table\n<!-- END speed -->\n"
+    text = report.replace_section(text, "niah", "new niah")
+    assert text.count("<!-- BEGIN niah -->") == 1 and "speed table" in text and text.startswith("hand-written")
+    text = report.replace_section(text, "niah", "newer niah")
+    assert "newer niah" in text and "new niah\n" not in text and "speed table" in text
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    entry = {"method": "full", "budget": "-", "length": 100, "depth": 50, "score": 1.0}
+    (results_dir / "niah.json").write_text(json.dumps({"script": "niah", "config": {"model": "m"},
+                                                        "results": {"k": entry}}))
+    (results_dir / "other.json").write_text(json.dumps({"rows": []}))  # not ours: ignored
+    md = tmp_path / "B.md"
+    md.write_text(text)
+    assert report.main(["--results", str(results_dir), "--output", str(md)]) == 0
+    out = md.read_text()
+    assert "speed table" in out and "hand-written intro" in out and "| full" in out and "newer niah" not in out
+
+
+def test_engine_matches_generate():
+    """Prefix sharing + batched decoding give exactly model.generate's tokens under each patch."""
+    import torch
+    from chunkkv.models import load_stories260k
+
+    import chunkkv
+
+    torch.set_grad_enabled(False)
+    model, tok = load_stories260k(stories_folder())
+    # one thread each: on a small shared CPU, torch's and the C core's OpenMP workers spin against each other
+    # (this test takes ~0.3 s so, ~30 s with two threads each on a busy 2-core machine)
+    threads = torch.get_num_threads(), chunkkv.build_info()["threads"]
+    torch.set_num_threads(1)
+    chunkkv.set_num_threads(1)
+    try:
+        _compare_with_generate(model, tok)
+    finally:
+        torch.set_num_threads(threads[0])
+        chunkkv.set_num_threads(threads[1])
+
+
+def _compare_with_generate(model, tok):
+    import torch
+
+    story = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+             "One day, she saw a big, red ball. She wanted to play with it, but it was too high. ")
+    prompts = [tok(story * 3).input_ids, tok(story * 2 + "Tom had a dog. " + story).input_ids]
+    specs = C.parse_methods("full,chunkkv,chunkkv:reuse=2,snapkv,pyramidkv,h2o")
+    jobs = [C.Job(f"{i}|{s.label}|{C.budget_label(b)}", ids, s, b, 8)
+            for i, ids in enumerate(prompts) for s, b in C.runs(specs, C.parse_budgets("0.3"))]
+    engine = C.Engine(model, tok, batch_size=8, progress=False)
+    outs = engine.run(jobs)
+    assert engine.stats["prefill_tokens"] < sum(len(p) for p in prompts)  # the prompts' common start is shared
+    for job in jobs:
+        ids = torch.tensor([job.ids])
+        with C.patch_context(model, job.spec, job.budget):
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        ref = ref[0, ids.shape[1]:].tolist()
+        ref = ref[:ref.index(2)] if 2 in ref else ref
+        assert outs[job.key].tokens == ref, job.key

@@ -14,10 +14,17 @@
 #define CKV_CLONES
 #endif
 
+/* Helpers must be inlined into each clone, or they run at the baseline ISA. */
+#if defined(__GNUC__)
+#define CKV_INLINE static inline __attribute__((always_inline))
+#else
+#define CKV_INLINE static inline
+#endif
+
 /* Rows [r, r + ROWS) of the product: each key-tile row is loaded once for ROWS query rows, and
  * the ROWS x 32 accumulators stay in registers (8 zmm with AVX-512). */
 #define CKV_DOT_ROWS(ROWS)                                                                          \
-    static inline void dot_rows_##ROWS(const float *q, int64_t D, const float *kt, float *out, int64_t ld, \
+    CKV_INLINE void dot_rows_##ROWS(const float *q, int64_t D, const float *kt, float *out, int64_t ld, \
                                        int64_t T) {                                                \
         float acc[ROWS][CKV_KEY_TILE] = {{0}};                                                      \
         for (int64_t d = 0; d < D; d++) {                                                           \
@@ -49,7 +56,7 @@ void ckv_dot_tile(const float *q, int64_t R, int64_t D, const float *kt, float *
  * with |f| <= ln2/2, 2^n built in the exponent bits, exp(f) by a degree-6
  * Taylor polynomial (relative error below 2e-7). Below -87 (and for NaN,
  * which the caller detects itself) the result is 0. */
-static inline float exp_nonpositive(float x) {
+CKV_INLINE float exp_nonpositive(float x) {
     const float xc = x > -87.0f ? x : -87.0f; /* also maps NaN into range: no UB in the cast */
     const float t = xc * 1.44269504088896341f;
     const int n = (int)(t - 0.5f); /* truncation of a negative number: t - n in (-0.5, 0.5] */

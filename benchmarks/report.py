@@ -96,6 +96,65 @@ def section(script: str, files: list[tuple[Path, dict]], root: Path, output: Pat
     return "\n".join(lines).rstrip() + "\n"
 
 
+def speed_section(data: dict) -> str:
+    """speed.py's kernel and end-to-end tables, with the ratios the speed targets are stated in."""
+    m = data["machine"]
+    lines = ["## Speed", "",
+             f"`benchmarks/speed.py` on this machine ({m['threads']} threads, SIMD {m['simd']}, torch {m['torch']}): "
+             f"copy bandwidth {m['bandwidth_gbs']:.1f} GB/s and fp32 matmul peak {m['fp32_gflops']:.1f} GFLOP/s, "
+             "both measured in the same run. One layer of Llama-3-8B shape (Hq 32, Hkv 8, D 128), window 32, "
+             "chunk 10, budget 10% of L; medians. kvpress is `ChunkKVPress(SnapKVPress(0.9))` (window 64, "
+             "chunk 20) in its own venv, its query projection subtracted.", ""]
+    if "gather_gbs" in m:
+        lines += [f"Gather of half of a 32k-token fp32 layer into preallocated buffers: {m['gather_gbs']:.1f} GB/s, "
+                  f"{100 * m['gather_gbs'] / m['bandwidth_gbs']:.0f}% of the copy bandwidth.", ""]
+    rows = []
+    for c in data["cases"]:
+        kv = c["kvpress_ms"]
+        rows.append([c["L"], c["dtype"], c["chunkkv_ms"], c["torch_ref_ms"], kv if kv else "n/a",
+                     c["torch_ref_ms"] / c["chunkkv_ms"], kv / c["chunkkv_ms"] if kv else "n/a",
+                     c["reuse2_ms_per_layer"] / c["chunkkv_ms"], 100 * c["score_gflops"] / m["fp32_gflops"]])
+    lines.append(C.format_table(["L", "dtype", "chunkkv ms", "torch_ref ms", "kvpress ms", "x torch_ref",
+                                 "x kvpress", "reuse=2 per layer / reuse=1", "score % fp32 peak"], rows,
+                                floatfmt="{:.2f}"))
+    if data.get("e2e"):
+        lines += ["", "End to end, SmolLM2-135M-Instruct (fp32, sdpa), pass-key haystack, ChunkKV keep_ratio 0.1:", ""]
+        e = data["e2e"]
+        full = {r["prompt_tokens"]: r for r in e if r["cache"] == "full"}
+        rows = []
+        for r in e:
+            f = full.get(r["prompt_tokens"])
+            rows.append([r["prompt_tokens"], r["cache"], r["prefill_s"],
+                         100 * (r["prefill_s"] / f["prefill_s"] - 1) if f else "n/a", r["decode_tok_s"],
+                         r["kv_bytes_after_prefill"] / 2**20, r["kv_bytes_peak_prefill"] / 2**20])
+        lines.append(C.format_table(["prompt tokens", "cache", "prefill s", "prefill +% vs full", "decode tok/s",
+                                     "KV MiB after prefill", "KV MiB peak in prefill"], rows, floatfmt="{:.2f}"))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def parity_section(data: dict) -> str:
+    """parity_kvpress.py: agreement of kept positions with kvpress's ChunkKVPress, per run."""
+    s = data["summary"]
+    lines = ["## Parity with kvpress", "",
+             f"`benchmarks/parity_kvpress.py`: kvpress {s['kvpress']} `ChunkKVPress(SnapKVPress(compression_ratio=r), "
+             f"chunk_length=20)` in its own venv versus chunkkv's `chunkkv-kvpress` mode, model {s['model']}. "
+             f"Mean agreement of kept positions {100 * s['mean_agreement']:.2f}% (minimum "
+             f"{100 * s['min_agreement']:.2f}%); identical layers {s['identical_layers']}/{s['layers']}. Greedy "
+             f"outputs equal in {s['greedy_equal']}/{s['runs']} runs; equal in "
+             f"{s.get('greedy_equal_at_kvpress_positions', 'n/a')}/{s['runs']} when chunkkv decodes at kvpress's "
+             "positions (kvpress lets new tokens take RoPE positions from the kept count on; chunkkv keeps the "
+             "true positions, as the full cache does).", ""]
+    rows = [[r["prompt"], r["L"], r["ratio"], r["asked"], r["kept_chunkkv"], r["kept_kvpress"],
+             100 * min(r["agreement_per_layer"]), f"{r['identical_layers']}/{r['layers']}", r["greedy_equal"],
+             r.get("greedy_equal_at_kvpress_positions", "n/a")] for r in data["rows"]]
+    lines.append(C.format_table(["prompt", "L", "ratio", "asked (1-r)L", "kept chunkkv", "kept kvpress",
+                                 "min agreement %", "identical layers", "greedy equal",
+                                 "greedy equal at kvpress positions"], rows, floatfmt="{:.2f}"))
+    lines += ["", "kvpress keeps whole chunks (`max(1, int(chunks * (1 - r)))` of them, the last one shorter), so it "
+              "keeps fewer tokens than `(1 - r) L`; chunkkv's own `chunkkv` mode keeps the exact budget."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def _rel(path: Path, base: Path) -> str:
     try:
         return path.resolve().relative_to(base.resolve()).as_posix()
@@ -126,7 +185,14 @@ def main(argv=None) -> int:
     for script in SCRIPTS:
         if script in found:
             text = replace_section(text, script, section(script, found[script], C.ROOT, output, Path(args.results) / "plots"))
+    extra = []
+    for name, fn in (("speed", speed_section), ("parity_kvpress", parity_section)):
+        path = Path(args.results) / f"{name}.json"
+        if path.exists():
+            text = replace_section(text, name, fn(json.loads(path.read_text(encoding="utf-8"))))
+            extra.append(name)
     output.write_text(text, encoding="utf-8")
+    print(f"{output}: {', '.join(extra)} regenerated")
     print(f"{output}: sections {', '.join(s for s in SCRIPTS if s in found) or 'none'} regenerated")
     return 0
 

@@ -171,7 +171,7 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    ckv_set_num_threads((int)(n > 4096 ? 4096 : n));
+    ckv_set_num_threads((int)(n > 4096 ? 4096 : n < 0 ? 0 : n)); /* no wrap-around of a huge negative n */
     Py_RETURN_NONE;
 }
 

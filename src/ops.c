@@ -268,8 +268,10 @@ int64_t ckv_select_count(const ckv_select_params *p, int64_t L) {
         return ckv_kept_count(p->budget, L);
     const int64_t c = p->chunk_size > 0 ? p->chunk_size : 1;
     const int64_t chunks = (L + c - 1) / c;
-    int64_t keep = (int64_t)((double)chunks * p->keep_fraction); /* int() of kvpress: truncation */
-    keep = keep < 1 ? 1 : keep > chunks ? chunks : keep;
+    /* int() of kvpress: truncation, clamped to [1, chunks] before the cast (a NaN, Inf or huge
+     * keep_fraction, refused later by check_params, must not reach an undefined double -> int64 cast) */
+    const double want = (double)chunks * p->keep_fraction;
+    const int64_t keep = want >= 1.0 ? (want < (double)chunks ? (int64_t)want : chunks) : 1;
     return keep * c < L ? keep * c : L;
 }
 
@@ -325,9 +327,10 @@ static void kvpress_token_scores(float *buf, int64_t B, int64_t H, int64_t P, in
         float *s = buf + r * P;
         for (int64_t j = 0; j < P; j++) {
             float acc = 0.0f;
-            for (int64_t t = j - half; t <= j + half; t++)
-                if (t >= 0 && t < P)
-                    acc += s[t] * norm;
+            /* only the neighbours inside [0, P): a huge kernel must not mean a huge loop */
+            const int64_t lo = j - half > 0 ? j - half : 0, hi = j + half < P - 1 ? j + half : P - 1;
+            for (int64_t t = lo; t <= hi; t++)
+                acc += s[t] * norm;
             tmp[j] = acc / (float)kernel;
         }
         for (int64_t j = 0; j < P; j++) {

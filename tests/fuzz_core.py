@@ -548,6 +548,19 @@ def select_params(draw, L, w, B, method):
         kw["row_starts"] = rs
         if not ok:
             invalid.append("row_starts")
+    if method in SELECT_METHODS and method not in REF_METHODS and draw(st.booleans()):
+        # the baselines' own knobs (h2o: window; chunkkv-kvpress: keep_fraction): values are theirs to judge
+        win = draw(opts(st.one_of(st.integers(1, max(L, 1)), st.sampled_from([0, -1, L + 1, 2**62, 2**63 - 1])),
+                        st.sampled_from(["3", 2.5, True])))
+        kw["window"] = win
+        if not (win is None or int_ok(win)):
+            invalid.append("window type")
+        kf = draw(opts(st.one_of(st.floats(1e-6, 1.0), st.sampled_from([1, 0.0, -1.0, 1.5, 1e300, 1e-300, math.inf,
+                                                                         math.nan, None])),
+                       st.sampled_from(["x", True, [0.5]])))
+        kw["keep_fraction"] = kf
+        if not (kf is None or (isinstance(kf, (int, float)) and not isinstance(kf, bool))):
+            invalid.append("keep_fraction type")
     if not CLEAN and draw(st.integers(0, 49)) == 0:
         kw["bogus_argument"] = 1
         invalid.append("unknown keyword")

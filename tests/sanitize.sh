@@ -68,7 +68,7 @@ if [[ $# -gt 0 ]]; then
     args=("$@")
 else
     args=()
-    for f in test_score.py test_select.py test_gather.py test_dlpack.py test_errors.py; do
+    for f in test_score.py test_select.py test_gather.py test_dlpack.py test_errors.py test_methods.py; do
         [[ -e "$WORK/tests/$f" ]] && args+=("tests/$f")
     done
     args+=(tests/test_hardening.py -k "not leak and not patch")

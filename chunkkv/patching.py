@@ -29,6 +29,7 @@ from . import ops
 from .cache import CompressedLayer, layer_positions
 
 _ATTR = "_chunkkv_patch"
+_UNSET = object()  # not computed yet in this forward
 
 #: methods patch() accepts (see chunkkv.methods())
 PATCH_METHODS = tuple(_methods.METHODS)
@@ -76,6 +77,7 @@ class ChunkKVPatch:
         self.stats = PatchStats()
         self._hooks: list[Any] = []
         self._mask2d: Optional[torch.Tensor] = None  # this forward's 2-D attention mask
+        self._pad_counts: Any = _UNSET  # its leading padding per row, once a layer needs it
         self._group_indices: dict[int, torch.Tensor] = {}  # reuse group -> leader's indices
         self._attention_modules = _find_attention_modules(model)
         self._full_layers = [i for i, m in self._attention_modules if not _is_sliding_module(m)]
@@ -125,6 +127,7 @@ class ChunkKVPatch:
                                     "have fixed-size layers). Use the default cache.")
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._mask2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        self._pad_counts = _UNSET
         self._group_indices.clear()
 
     def _make_mask_hook(self, layer_idx: int) -> Callable:
@@ -174,7 +177,7 @@ class ChunkKVPatch:
         if not method.budget_exact and cfg.keep_fraction(L) >= 1.0:
             return
         positions = layer_positions(layer)
-        starts = self._row_starts(positions, hidden.shape[1])
+        starts = self._row_starts(positions)
         group, member = divmod(rank, cfg.reuse)
         with torch.no_grad():
             if member == 0 or group not in self._group_indices:
@@ -217,19 +220,28 @@ class ChunkKVPatch:
             args["per_head"] = cfg.per_head
         return ops.select(queries, keys, budget=budget, chunk_size=cfg.chunk_size, method=method.core, **args)
 
-    def _row_starts(self, positions: torch.Tensor, q_len: int) -> Optional[list[int]]:
+    def _padding_counts(self) -> Optional[torch.Tensor]:
+        """Leading padding tokens per row of this forward's 2-D mask (None without padding); checked and
+        computed once per forward, at the first layer that compresses."""
+        if self._pad_counts is _UNSET:
+            mask = self._mask2d
+            if mask is None or bool(mask.all()):
+                self._pad_counts = None
+            else:
+                m = mask.to(torch.bool)
+                zeros_so_far = (~m).to(torch.int64).cumsum(-1)
+                # left padding only: the j-th column is padding only if all columns before it are too
+                if not bool(((zeros_so_far == torch.arange(1, m.shape[1] + 1, device=m.device)) | m).all()):
+                    raise ValueError("chunkkv: attention_mask must be left-padded (zeros only before a row's first "
+                                     "token); use tokenizer.padding_side = 'left'")
+                self._pad_counts = zeros_so_far[:, -1]
+        return self._pad_counts
+
+    def _row_starts(self, positions: torch.Tensor) -> Optional[list[int]]:
         """Per row, how many stored slots are left padding (they lead, as positions are sorted)."""
-        mask = self._mask2d
-        if mask is None or bool(mask.all()):
+        n_pad = self._padding_counts()
+        if n_pad is None:
             return None
-        m = mask.to(torch.bool)
-        pad = (~m).to(torch.int64).cumsum(-1)
-        n_pad = (~m).sum(-1)
-        # left padding only: every zero comes before every one in each row
-        if not bool((pad[:, -1] == n_pad).all()) or not bool(((pad == torch.arange(1, m.shape[1] + 1,
-                                                                                     device=m.device)) | m).all()):
-            raise ValueError("chunkkv: attention_mask must be left-padded (zeros only before a row's first token); "
-                             "use tokenizer.padding_side = 'left'")
         pos = positions if positions.ndim == 2 else positions[:, 0]
         return (pos < n_pad.to(pos.device).unsqueeze(-1)).sum(-1).tolist()
 

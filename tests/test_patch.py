@@ -248,3 +248,13 @@ def test_error_inside_compression_leaves_model_usable(monkeypatch):
     assert _greedy(model, ids).shape == base.shape  # still patched, works again
     handle.remove()
     assert torch.equal(_greedy(model, ids), base)
+
+
+def test_right_padding_is_refused_with_a_reason():
+    model = tiny_model("llama")
+    ids = _prompt(2, 60)
+    mask = torch.ones_like(ids)
+    mask[1, -10:] = 0  # right padding: zeros after the row's tokens
+    with chunkkv.patch(model, budget=20, window=8):
+        with pytest.raises(ValueError, match="left-padded"):
+            model(ids, attention_mask=mask, **with_cache(DynamicCache(config=model.config)), use_cache=True)

@@ -35,6 +35,32 @@ static size_t task_scratch(int64_t R, int64_t L, int64_t D) {
     return (size_t)(R * L + R * D + D * CKV_KEY_TILE);
 }
 
+/* Keys j0 .. j0+T-1 of (b, g) as fp32, transposed into kt [D, CKV_KEY_TILE]; columns T.. are zero. */
+static void pack_key_tile(const ckv_tensor *k, int64_t b, int64_t g, int64_t j0, int64_t T, float *kt) {
+    const int64_t D = k->shape[3], sd = k->strides[3];
+    if (T < CKV_KEY_TILE)
+        memset(kt, 0, (size_t)(D * CKV_KEY_TILE) * sizeof *kt);
+    for (int64_t t = 0; t < T; t++) {
+        const char *src = row_ptr(k, b, g, j0 + t);
+        float *col = kt + t;
+        /* one loop per dtype, so the conversion is not re-decided per element */
+        switch (k->dtype) {
+        case CKV_DTYPE_BF16:
+            for (int64_t d = 0; d < D; d++)
+                col[d * CKV_KEY_TILE] = ckv_bf16_to_f32(((const uint16_t *)src)[d * sd]);
+            break;
+        case CKV_DTYPE_F16:
+            for (int64_t d = 0; d < D; d++)
+                col[d * CKV_KEY_TILE] = ckv_f16_to_f32(((const uint16_t *)src)[d * sd]);
+            break;
+        default:
+            for (int64_t d = 0; d < D; d++)
+                col[d * CKV_KEY_TILE] = ((const float *)src)[d * sd];
+            break;
+        }
+    }
+}
+
 /*
  * Queries i0 .. i0+nq-1 of q (of w in all, sitting at positions L-w .. L-1) for
  * the G heads of KV head g: each sees keys [start, L-w+i]; its probabilities of
@@ -60,11 +86,7 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
 
     for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
         const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
-        for (int64_t t = 0; t < CKV_KEY_TILE; t++) {
-            const char *src = t < T ? row_ptr(k, b, g, j0 + t) : NULL;
-            for (int64_t d = 0; d < D; d++)
-                kt[d * CKV_KEY_TILE + t] = src ? ckv_load_f32(src, k->dtype, d * k->strides[3]) : 0.0f;
-        }
+        pack_key_tile(k, b, g, j0, T, kt);
         ckv_dot_tile(qm, R, D, kt, logits + j0, Lk, T);
     }
 
@@ -76,19 +98,14 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
         float *dst = out + start;
         const int64_t span = visible - start;
         const int64_t upto = (acc < visible ? acc : visible) - start; /* probabilities accumulated */
-        float mx = -INFINITY, probe = 0.0f; /* probe turns NaN if any logit is NaN or Inf */
-        for (int64_t j = 0; j < span; j++) {
-            mx = row[j] > mx ? row[j] : mx;
-            probe += row[j] * 0.0f;
-        }
-        if (probe != 0.0f) { /* poison the scores: ops.c reports non-finite scores */
+        const float sum = ckv_exp_shift_sum(row, span, ckv_row_max(row, span));
+        if (!(sum > 0.0f)) { /* NaN: a non-finite logit; poison the scores, ops.c reports them */
             for (int64_t j = 0; j < acc; j++)
                 out[j] = NAN;
             return;
         }
-        const float inv = 1.0f / ckv_exp_shift_sum(row, span, mx);
-        for (int64_t j = 0; j < upto; j++)
-            dst[j] += row[j] * inv;
+        if (upto > 0)
+            ckv_axpy(dst, row, upto, 1.0f / sum);
     }
 }
 

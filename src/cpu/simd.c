@@ -6,6 +6,17 @@
 #include "simd.h"
 
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "half.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CKV_X86_INTRINSICS 1
+#include <immintrin.h>
+#else
+#define CKV_X86_INTRINSICS 0
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     !defined(CKV_NO_CLONES)
@@ -55,11 +66,12 @@ void ckv_dot_tile(const float *q, int64_t R, int64_t D, const float *kt, float *
 /* exp(x) for x <= 0 (the argument is always minus a row maximum): x = n ln2 + f
  * with |f| <= ln2/2, 2^n built in the exponent bits, exp(f) by a degree-6
  * Taylor polynomial (relative error below 2e-7). Below -87 (and for NaN,
- * which the caller detects itself) the result is 0. */
+ * which the caller detects itself) the result is 0. Branch-free, so loops of
+ * it vectorise. */
 CKV_INLINE float exp_nonpositive(float x) {
     const float xc = x > -87.0f ? x : -87.0f; /* also maps NaN into range: no UB in the cast */
     const float t = xc * 1.44269504088896341f;
-    const int n = (int)(t - 0.5f); /* truncation of a negative number: t - n in (-0.5, 0.5] */
+    const int32_t n = (int32_t)(t - 0.5f); /* truncation of a negative number: t - n in (-0.5, 0.5] */
     /* Cody-Waite: ln2 split in a part exact when multiplied by n and a small correction */
     const float f = (xc - (float)n * 0.693145751953125f) - (float)n * 1.428606765330187e-06f;
     float p = 1.0f / 720.0f;
@@ -69,32 +81,195 @@ CKV_INLINE float exp_nonpositive(float x) {
     p = p * f + 0.5f;
     p = p * f + 1.0f;
     p = p * f + 1.0f;
-    union { uint32_t u; float f; } two_n = {.u = (uint32_t)(n + 127) << 23};
-    const float y = p * two_n.f;
-    return x > -87.0f ? y : 0.0f;
+    const float two_n = ckv_bits_to_f32((uint32_t)(n + 127) << 23);
+    return x > -87.0f ? p * two_n : 0.0f;
+}
+
+/* ---- row passes of the softmax: portable loops, and AVX-512 / AVX2 versions picked once at run time ----
+ * Each vector version does per element exactly what exp_nonpositive does; only the order in which the
+ * partial sums are added differs (in lanes of 16, 8 or 1). GCC does not vectorise these loops by itself
+ * (the clamp and the exponent-bit trick defeat it), hence the intrinsics. */
+
+static float row_max_scalar(const float *row, int64_t n) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++)
+        mx = row[j] > mx ? row[j] : mx;
+    return mx;
+}
+
+/* Returns the sum, or NaN when a row[j] is NaN or +-Inf (x * 0 is then NaN). */
+static float exp_shift_sum_scalar(float *row, int64_t n, float shift) {
+    float sum = 0.0f, bad = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        const float x = row[j];
+        const float e = exp_nonpositive(x - shift);
+        row[j] = e;
+        sum += e;
+        bad += x * 0.0f;
+    }
+    return bad == 0.0f ? sum : NAN;
+}
+
+#if CKV_X86_INTRINSICS
+#define CKV_AVX512 __attribute__((target("avx512f,avx512dq")))
+#define CKV_AVX2 __attribute__((target("avx2,fma")))
+
+/* The first min(left, 16) lanes. */
+CKV_AVX512 static inline __mmask16 lanes16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+
+CKV_AVX512 static float row_max_avx512(const float *row, int64_t n) {
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    __m512 m = none;
+    for (int64_t j = 0; j < n; j += 16)
+        m = _mm512_max_ps(_mm512_mask_loadu_ps(none, lanes16(n - j), row + j), m); /* NaN-blind, like the scalar */
+    return _mm512_reduce_max_ps(m);
+}
+
+CKV_AVX512 static float exp_shift_sum_avx512(float *row, int64_t n, float shift) {
+    const __m512 s = _mm512_set1_ps(shift), lo = _mm512_set1_ps(-87.0f), zero = _mm512_setzero_ps();
+    __m512 sum = zero, probe = zero;
+    for (int64_t j = 0; j < n; j += 16) { /* the tail in the same loop (masked), so every element rounds alike */
+        const __mmask16 in = lanes16(n - j);
+        const __m512 x = _mm512_maskz_loadu_ps(in, row + j);
+        probe = _mm512_add_ps(probe, _mm512_mul_ps(x, zero));
+        const __m512 z = _mm512_sub_ps(x, s);
+        const __mmask16 live = _mm512_mask_cmp_ps_mask(in, z, lo, _CMP_GT_OQ);
+        const __m512 zc = _mm512_max_ps(z, lo); /* NaN z gives lo */
+        const __m512i ni = _mm512_cvttps_epi32(_mm512_sub_ps(_mm512_mul_ps(zc, _mm512_set1_ps(1.44269504088896341f)),
+                                                             _mm512_set1_ps(0.5f)));
+        const __m512 nf = _mm512_cvtepi32_ps(ni);
+        __m512 f = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693145751953125f), zc);
+        f = _mm512_fnmadd_ps(nf, _mm512_set1_ps(1.428606765330187e-06f), f);
+        __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+        const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
+        const __m512 e = _mm512_maskz_mul_ps(live, p, two_n);
+        _mm512_mask_storeu_ps(row + j, in, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(probe) == 0.0f ? _mm512_reduce_add_ps(sum) : NAN;
+}
+
+CKV_AVX2 static float hsum256(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+
+/* All-ones in the first min(left, 8) lanes. */
+CKV_AVX2 static inline __m256i lanes8(int64_t left) {
+    const int k = left >= 8 ? 8 : (int)left;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+CKV_AVX2 static float row_max_avx2(const float *row, int64_t n) {
+    const __m256 none = _mm256_set1_ps(-INFINITY);
+    __m256 m = none;
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i in = lanes8(n - j);
+        const __m256 x = _mm256_blendv_ps(none, _mm256_maskload_ps(row + j, in), _mm256_castsi256_ps(in));
+        m = _mm256_max_ps(x, m);
+    }
+    float lanes[8], mx = -INFINITY;
+    _mm256_storeu_ps(lanes, m);
+    for (int u = 0; u < 8; u++)
+        mx = lanes[u] > mx ? lanes[u] : mx;
+    return mx;
+}
+
+CKV_AVX2 static float exp_shift_sum_avx2(float *row, int64_t n, float shift) {
+    const __m256 s = _mm256_set1_ps(shift), lo = _mm256_set1_ps(-87.0f), zero = _mm256_setzero_ps();
+    __m256 sum = zero, probe = zero;
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256i in = lanes8(n - j);
+        const __m256 x = _mm256_maskload_ps(row + j, in); /* masked lanes read as 0 */
+        probe = _mm256_add_ps(probe, _mm256_mul_ps(x, zero));
+        const __m256 z = _mm256_sub_ps(x, s);
+        const __m256 live = _mm256_and_ps(_mm256_cmp_ps(z, lo, _CMP_GT_OQ), _mm256_castsi256_ps(in));
+        const __m256 zc = _mm256_max_ps(z, lo);
+        const __m256i ni = _mm256_cvttps_epi32(_mm256_sub_ps(_mm256_mul_ps(zc, _mm256_set1_ps(1.44269504088896341f)),
+                                                             _mm256_set1_ps(0.5f)));
+        const __m256 nf = _mm256_cvtepi32_ps(ni);
+        __m256 f = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693145751953125f), zc);
+        f = _mm256_fnmadd_ps(nf, _mm256_set1_ps(1.428606765330187e-06f), f);
+        __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120.0f));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24.0f));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6.0f));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+        const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+        const __m256 e = _mm256_and_ps(_mm256_mul_ps(p, two_n), live);
+        _mm256_maskstore_ps(row + j, in, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return hsum256(probe) == 0.0f ? hsum256(sum) : NAN;
+}
+#endif /* CKV_X86_INTRINSICS */
+
+/* The level the row passes use: the best the CPU has, lowered by CHUNKKV_SIMD=avx2|baseline (for tests). */
+static int row_level(void) {
+    static int level = -1; /* racy but idempotent: every thread computes the same value */
+    if (level < 0) {
+        int best = 0;
+#if CKV_X86_INTRINSICS
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"))
+            best = 2;
+        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            best = 1;
+#endif
+        const char *env = getenv("CHUNKKV_SIMD");
+        if (env && strcmp(env, "baseline") == 0)
+            best = 0;
+        else if (env && strcmp(env, "avx2") == 0 && best > 1)
+            best = 1;
+        level = best;
+    }
+    return level;
+}
+
+float ckv_row_max(const float *row, int64_t n) {
+#if CKV_X86_INTRINSICS
+    switch (row_level()) {
+    case 2: return row_max_avx512(row, n);
+    case 1: return row_max_avx2(row, n);
+    default: break;
+    }
+#endif
+    return row_max_scalar(row, n);
+}
+
+float ckv_exp_shift_sum(float *row, int64_t n, float shift) {
+    if (!isfinite(shift))
+        return NAN; /* the caller reports non-finite scores */
+#if CKV_X86_INTRINSICS
+    switch (row_level()) {
+    case 2: return exp_shift_sum_avx512(row, n, shift);
+    case 1: return exp_shift_sum_avx2(row, n, shift);
+    default: break;
+    }
+#endif
+    return exp_shift_sum_scalar(row, n, shift);
+}
+
+const char *ckv_cpu_row_level(void) {
+    static const char *names[] = {"baseline", "avx2", "avx512"};
+    return names[row_level()];
 }
 
 CKV_CLONES
-float ckv_exp_shift_sum(float *row, int64_t n, float shift) {
-    float sum = 0.0f;
-    if (!isfinite(shift))
-        return NAN; /* the caller reports non-finite scores */
-    float part[8] = {0};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int u = 0; u < 8; u++) {
-            float e = exp_nonpositive(row[j + u] - shift);
-            row[j + u] = e;
-            part[u] += e;
-        }
-    for (; j < n; j++) {
-        float e = exp_nonpositive(row[j] - shift);
-        row[j] = e;
-        sum += e;
-    }
-    for (int u = 0; u < 8; u++)
-        sum += part[u];
-    return sum;
+void ckv_axpy(float *dst, const float *src, int64_t n, float a) {
+    for (int64_t j = 0; j < n; j++)
+        dst[j] += src[j] * a;
 }
 
 const char *ckv_cpu_simd_level(void) {

@@ -13,8 +13,18 @@
  * kt is one tile of keys, transposed and zero-padded to CKV_KEY_TILE columns. */
 void ckv_dot_tile(const float *q, int64_t R, int64_t D, const float *kt, float *out, int64_t ld, int64_t T);
 
-/* row[j] = exp(row[j] - shift) for j < n; returns their sum (fp32). */
+/* row[j] = exp(row[j] - shift) for j < n; returns their sum (fp32), or NaN when shift or any row[j]
+ * is not finite (the caller reports non-finite scores). */
 float ckv_exp_shift_sum(float *row, int64_t n, float shift);
+
+/* max of row[0..n) (-inf when n == 0); NaN elements are skipped: ckv_exp_shift_sum reports them. */
+float ckv_row_max(const float *row, int64_t n);
+
+/* dst[j] += a * src[j] for j < n. */
+void ckv_axpy(float *dst, const float *src, int64_t n, float a);
+
+/* "avx512", "avx2" or "baseline": the level of the softmax row passes (CHUNKKV_SIMD lowers it). */
+const char *ckv_cpu_row_level(void);
 
 /* "avx512", "avx2", or "baseline": the clone the dispatcher picks on this CPU. */
 const char *ckv_cpu_simd_level(void);

@@ -61,6 +61,16 @@ static void pack_key_tile(const ckv_tensor *k, int64_t b, int64_t g, int64_t j0,
     }
 }
 
+/* One bf16 row of D elements (element stride sd) as D2 = ceil(D/2) pairs, the even d in the low half and
+ * a zero after an odd D; pair i goes to dst[i * dst_stride]. */
+static void pack_bf16_pairs(const char *src, int64_t sd, int64_t D, uint32_t *dst, int64_t dst_stride) {
+    const uint16_t *x = (const uint16_t *)src;
+    for (int64_t d = 0; d + 1 < D; d += 2)
+        dst[(d / 2) * dst_stride] = (uint32_t)x[d * sd] | (uint32_t)x[(d + 1) * sd] << 16;
+    if (D % 2)
+        dst[(D / 2) * dst_stride] = (uint32_t)x[(D - 1) * sd];
+}
+
 /*
  * Queries i0 .. i0+nq-1 of q (of w in all, sitting at positions L-w .. L-1) for
  * the G heads of KV head g: each sees keys [start, L-w+i]; its probabilities of
@@ -76,18 +86,34 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
     float *qm = logits + R * Lk; /* [R, D], pre-scaled */
     float *kt = qm + R * D;      /* [D, CKV_KEY_TILE] */
 
-    for (int64_t h = 0; h < G; h++)
-        for (int64_t i = 0; i < nq; i++) {
-            const char *src = row_ptr(q, b, g * G + h, i0 + i);
-            float *dst = qm + (h * nq + i) * D;
-            for (int64_t d = 0; d < D; d++)
-                dst[d] = ckv_load_f32(src, q->dtype, d * q->strides[3]) * scale;
+    if (q->dtype == CKV_DTYPE_BF16 && k->dtype == CKV_DTYPE_BF16 && ckv_cpu_has_bf16_dot()) {
+        /* bf16 dot products: operands stay bf16 (in pairs), the scale is applied to the fp32 logits */
+        const int64_t D2 = (D + 1) / 2;
+        uint32_t *q2 = (uint32_t *)qm, *kt2 = (uint32_t *)kt;
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t i = 0; i < nq; i++)
+                pack_bf16_pairs(row_ptr(q, b, g * G + h, i0 + i), q->strides[3], D, q2 + (h * nq + i) * D2, 1);
+        for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
+            const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
+            if (T < CKV_KEY_TILE)
+                memset(kt2, 0, (size_t)(D2 * CKV_KEY_TILE) * sizeof *kt2);
+            for (int64_t t = 0; t < T; t++)
+                pack_bf16_pairs(row_ptr(k, b, g, j0 + t), k->strides[3], D, kt2 + t, CKV_KEY_TILE);
+            ckv_dot_tile_bf16(q2, R, D2, kt2, scale, logits + j0, Lk, T);
         }
-
-    for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
-        const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
-        pack_key_tile(k, b, g, j0, T, kt);
-        ckv_dot_tile(qm, R, D, kt, logits + j0, Lk, T);
+    } else {
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t i = 0; i < nq; i++) {
+                const char *src = row_ptr(q, b, g * G + h, i0 + i);
+                float *dst = qm + (h * nq + i) * D;
+                for (int64_t d = 0; d < D; d++)
+                    dst[d] = ckv_load_f32(src, q->dtype, d * q->strides[3]) * scale;
+            }
+        for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
+            const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
+            pack_key_tile(k, b, g, j0, T, kt);
+            ckv_dot_tile(qm, R, D, kt, logits + j0, Lk, T);
+        }
     }
 
     for (int64_t r = 0; r < R; r++) {

@@ -23,7 +23,16 @@ float ckv_row_max(const float *row, int64_t n);
 /* dst[j] += a * src[j] for j < n. */
 void ckv_axpy(float *dst, const float *src, int64_t n, float a);
 
-/* "avx512", "avx2" or "baseline": the level of the softmax row passes (CHUNKKV_SIMD lowers it). */
+/* 1 when ckv_dot_tile_bf16 runs on AVX512-BF16 dot-product instructions (and CHUNKKV_SIMD allows it). */
+int ckv_cpu_has_bf16_dot(void);
+
+/* out[r * ld + t] = scale * sum_d q[r, d] k[t, d] for r < R, t < T, with bf16 operands packed in pairs of
+ * neighbouring d (low half the even d): q2 [R, D2] and one key tile kt2 [D2, CKV_KEY_TILE], zero-padded.
+ * Products are exact and accumulate in fp32. */
+void ckv_dot_tile_bf16(const uint32_t *q2, int64_t R, int64_t D2, const uint32_t *kt2, float scale, float *out,
+                       int64_t ld, int64_t T);
+
+/* "avx512-bf16", "avx512", "avx2" or "baseline": the level of the softmax row passes (CHUNKKV_SIMD lowers it). */
 const char *ckv_cpu_row_level(void);
 
 /* "avx512", "avx2", or "baseline": the clone the dispatcher picks on this CPU. */

@@ -148,8 +148,15 @@ def get_num_threads() -> int:
     return int(_C.get_num_threads())
 
 
+def fma_peak_gflops(threads: int = 0, seconds: float = 0.2) -> float:
+    """The CPU's fp32 peak in GFLOP/s on ``threads`` threads (0: the kernels' count), measured by a loop of
+    independent FMAs held in registers at the widest vector level: the ceiling for scoring speed."""
+    return float(_C.fma_peak_gflops(_int_arg(threads, "threads"), float(seconds)))
+
+
 def build_info() -> dict[str, Any]:
-    """What this build of the C core has: version, "cuda", "openmp", "simd" level, and the thread count."""
+    """What this build of the C core has: version, "cuda", "openmp", "simd" (the CPU kernels' vector level:
+    "avx512-bf16", "avx512", "avx2" or "baseline"; ``CHUNKKV_SIMD`` lowers it), and the thread count."""
     info = dict(_C.build_info())
     info["threads"] = get_num_threads()
     return info

@@ -181,7 +181,13 @@ int ckv_get_num_threads(void);
 /* What this build has. */
 int ckv_has_cuda(void);
 int ckv_has_openmp(void);
+/* The CPU kernels' vector level: "avx512-bf16", "avx512", "avx2" or "baseline"; the environment variable
+ * CHUNKKV_SIMD=avx512|avx2|baseline lowers it (read once, at the first kernel call). */
 const char *ckv_simd_level(void);
+
+/* The CPU's fp32 FMA rate in GFLOP/s on `threads` threads (0: the current count), measured by a register-only
+ * loop at the best vector width for about `seconds`: the peak that the scoring speed is compared to. */
+double ckv_fma_peak_gflops(int threads, double seconds);
 
 #ifdef __cplusplus
 }

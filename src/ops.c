@@ -77,7 +77,11 @@ int ckv_has_cuda(void) {
 #endif
 }
 
-const char *ckv_simd_level(void) { return ckv_cpu_simd_level(); }
+const char *ckv_simd_level(void) { return ckv_cpu_row_level(); }
+
+double ckv_fma_peak_gflops(int threads, double seconds) {
+    return ckv_cpu_fma_peak(threads > 0 ? threads : ckv_threads(), seconds > 0.0 ? seconds : 0.2);
+}
 
 /* ---------------------------------------------------------------- small helpers */
 

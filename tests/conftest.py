@@ -127,7 +127,7 @@ def random_shape(rng, cost=1.0e6):
     kept under cost. L spans 1 to 3000; w is often 1, sometimes L, usually small."""
     B = int(rng.integers(1, 4))
     Hkv, G = int(rng.choice([1, 2, 3, 4, 8])), int(rng.choice([1, 2, 3, 4, 8]))
-    D = int(rng.choice([8, 16, 24, 32, 64, 128]))
+    D = int(rng.choice([5, 8, 16, 24, 32, 33, 64, 128]))  # odd D: the bf16 kernels pair neighbouring d
     u = rng.random()
     L = int(rng.integers(1, 41) if u < 0.3 else rng.integers(41, 401) if u < 0.75 else rng.integers(401, 3001))
     u = rng.random()

@@ -11,6 +11,7 @@
  * against only the keys it can see, so nothing is L x L.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -30,9 +31,9 @@ static inline const char *row_ptr(const ckv_tensor *t, int64_t i0, int64_t i1, i
 /* Query rows scored together: the window is one block; H2O's L queries are many. */
 #define CKV_QUERY_BLOCK 64
 
-/* Floats of scratch one (b, g) task needs: logits [R, L], queries [R, D], key tile [D, T]. */
+/* Floats of scratch one (b, g) task needs: logits [R, L], queries [R, D], key tile [D, T], lane maxima [R, T]. */
 static size_t task_scratch(int64_t R, int64_t L, int64_t D) {
-    return (size_t)(R * L + R * D + D * CKV_KEY_TILE);
+    return (size_t)(R * L + R * D + D * CKV_KEY_TILE + R * CKV_KEY_TILE);
 }
 
 /* Keys j0 .. j0+T-1 of (b, g) as fp32, transposed into kt [D, CKV_KEY_TILE]; columns T.. are zero. */
@@ -40,6 +41,10 @@ static void pack_key_tile(const ckv_tensor *k, int64_t b, int64_t g, int64_t j0,
     const int64_t D = k->shape[3], sd = k->strides[3];
     if (T < CKV_KEY_TILE)
         memset(kt, 0, (size_t)(D * CKV_KEY_TILE) * sizeof *kt);
+    if (k->dtype == CKV_DTYPE_F32 && sd == 1) { /* rows of D contiguous floats: a blocked transpose */
+        ckv_transpose_u32((const uint32_t *)row_ptr(k, b, g, j0), k->strides[2], T, D, (uint32_t *)kt, CKV_KEY_TILE);
+        return;
+    }
     for (int64_t t = 0; t < T; t++) {
         const char *src = row_ptr(k, b, g, j0 + t);
         float *col = kt + t;
@@ -85,6 +90,9 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
     float *logits = scratch;     /* [R, Lk] */
     float *qm = logits + R * Lk; /* [R, D], pre-scaled */
     float *kt = qm + R * D;      /* [D, CKV_KEY_TILE] */
+    float *vmax = kt + D * CKV_KEY_TILE; /* [R, CKV_KEY_TILE]: running maxima of the keys all rows see */
+    for (int64_t i = 0; i < R * CKV_KEY_TILE; i++)
+        vmax[i] = -INFINITY;
 
     if (q->dtype == CKV_DTYPE_BF16 && k->dtype == CKV_DTYPE_BF16 && ckv_cpu_has_bf16_dot()) {
         /* bf16 dot products: operands stay bf16 (in pairs), the scale is applied to the fp32 logits */
@@ -95,11 +103,15 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
                 pack_bf16_pairs(row_ptr(q, b, g * G + h, i0 + i), q->strides[3], D, q2 + (h * nq + i) * D2, 1);
         for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
             const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
+            const char *first = row_ptr(k, b, g, j0);
             if (T < CKV_KEY_TILE)
                 memset(kt2, 0, (size_t)(D2 * CKV_KEY_TILE) * sizeof *kt2);
-            for (int64_t t = 0; t < T; t++)
-                pack_bf16_pairs(row_ptr(k, b, g, j0 + t), k->strides[3], D, kt2 + t, CKV_KEY_TILE);
-            ckv_dot_tile_bf16(q2, R, D2, kt2, scale, logits + j0, Lk, T);
+            if (k->strides[3] == 1 && D % 2 == 0 && k->strides[2] % 2 == 0 && (uintptr_t)first % 4 == 0)
+                ckv_transpose_u32((const uint32_t *)first, k->strides[2] / 2, T, D2, kt2, CKV_KEY_TILE);
+            else
+                for (int64_t t = 0; t < T; t++)
+                    pack_bf16_pairs(row_ptr(k, b, g, j0 + t), k->strides[3], D, kt2 + t, CKV_KEY_TILE);
+            ckv_dot_tile_bf16(q2, R, D2, kt2, scale, logits + j0, Lk, T, vmax, start - j0, first_pos + 1 - j0);
         }
     } else {
         for (int64_t h = 0; h < G; h++)
@@ -112,7 +124,7 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
         for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
             const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
             pack_key_tile(k, b, g, j0, T, kt);
-            ckv_dot_tile(qm, R, D, kt, logits + j0, Lk, T);
+            ckv_dot_tile(qm, R, D, kt, logits + j0, Lk, T, vmax, start - j0, first_pos + 1 - j0);
         }
     }
 
@@ -124,7 +136,13 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
         float *dst = out + start;
         const int64_t span = visible - start;
         const int64_t upto = (acc < visible ? acc : visible) - start; /* probabilities accumulated */
-        const float sum = ckv_exp_shift_sum(row, span, ckv_row_max(row, span));
+        /* the row maximum: the lanes' maxima over keys [start, first_pos], then this row's own last keys */
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < CKV_KEY_TILE; t++)
+            mx = vmax[r * CKV_KEY_TILE + t] > mx ? vmax[r * CKV_KEY_TILE + t] : mx;
+        for (int64_t j = first_pos + 1 > start ? first_pos + 1 : start; j < visible; j++)
+            mx = logits[r * Lk + j] > mx ? logits[r * Lk + j] : mx;
+        const float sum = ckv_exp_shift_sum(row, span, mx);
         if (!(sum > 0.0f)) { /* NaN: a non-finite logit; poison the scores, ops.c reports them */
             for (int64_t j = 0; j < acc; j++)
                 out[j] = NAN;

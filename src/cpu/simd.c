@@ -33,10 +33,11 @@
 #endif
 
 /* Rows [r, r + ROWS) of the product: each key-tile row is loaded once for ROWS query rows, and
- * the ROWS x 32 accumulators stay in registers (8 zmm with AVX-512). */
+ * the ROWS x 32 accumulators stay in registers (8 zmm with AVX-512). Columns [lo, hi) also raise the
+ * running per-lane maxima vmax [ROWS, CKV_KEY_TILE] (no reduction across lanes, so it vectorises). */
 #define CKV_DOT_ROWS(ROWS)                                                                          \
     CKV_INLINE void dot_rows_##ROWS(const float *q, int64_t D, const float *kt, float *out, int64_t ld, \
-                                       int64_t T) {                                                \
+                                    int64_t T, float *vmax, int64_t lo, int64_t hi) {               \
         float acc[ROWS][CKV_KEY_TILE] = {{0}};                                                      \
         for (int64_t d = 0; d < D; d++) {                                                           \
             const float *krow = kt + d * CKV_KEY_TILE;                                              \
@@ -47,6 +48,12 @@
             }                                                                                       \
         }                                                                                           \
         for (int i = 0; i < ROWS; i++)                                                              \
+            for (int t = 0; t < CKV_KEY_TILE; t++) {                                                \
+                const float a = t >= lo && t < hi ? acc[i][t] : -INFINITY;                          \
+                float *m = vmax + i * CKV_KEY_TILE + t;                                             \
+                *m = a > *m ? a : *m;                                                               \
+            }                                                                                       \
+        for (int i = 0; i < ROWS; i++)                                                              \
             for (int64_t t = 0; t < T; t++)                                                         \
                 out[i * ld + t] = acc[i][t];                                                        \
     }
@@ -55,12 +62,13 @@ CKV_DOT_ROWS(4)
 CKV_DOT_ROWS(1)
 
 CKV_CLONES
-void ckv_dot_tile(const float *q, int64_t R, int64_t D, const float *kt, float *out, int64_t ld, int64_t T) {
+static void dot_tile_portable(const float *q, int64_t R, int64_t D, const float *kt, float *out, int64_t ld,
+                              int64_t T, float *vmax, int64_t lo, int64_t hi) {
     int64_t r = 0;
     for (; r + 4 <= R; r += 4)
-        dot_rows_4(q + r * D, D, kt, out + r * ld, ld, T);
+        dot_rows_4(q + r * D, D, kt, out + r * ld, ld, T, vmax + r * CKV_KEY_TILE, lo, hi);
     for (; r < R; r++)
-        dot_rows_1(q + r * D, D, kt, out + r * ld, ld, T);
+        dot_rows_1(q + r * D, D, kt, out + r * ld, ld, T, vmax + r * CKV_KEY_TILE, lo, hi);
 }
 
 /* exp(x) for x <= 0 (the argument is always minus a row maximum): x = n ln2 + f
@@ -85,17 +93,10 @@ CKV_INLINE float exp_nonpositive(float x) {
     return x > -87.0f ? p * two_n : 0.0f;
 }
 
-/* ---- row passes of the softmax: portable loops, and AVX-512 / AVX2 versions picked once at run time ----
+/* ---- the exp pass of the softmax: portable loops, and AVX-512 / AVX2 versions picked once at run time ----
  * Each vector version does per element exactly what exp_nonpositive does; only the order in which the
  * partial sums are added differs (in lanes of 16, 8 or 1). GCC does not vectorise these loops by itself
  * (the clamp and the exponent-bit trick defeat it), hence the intrinsics. */
-
-static float row_max_scalar(const float *row, int64_t n) {
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; j++)
-        mx = row[j] > mx ? row[j] : mx;
-    return mx;
-}
 
 /* Returns the sum, or NaN when a row[j] is NaN or +-Inf (x * 0 is then NaN). */
 static float exp_shift_sum_scalar(float *row, int64_t n, float shift) {
@@ -121,11 +122,12 @@ static inline __mmask16 lanes16(int64_t left) {
 
 /* ---- bf16 dot products (AVX512-BF16): keys and queries stay bf16, in pairs of neighbouring d; each
  * vdpbf16ps does 32 exact products per vector with fp32 accumulation, twice the fp32 FMA rate. ---- */
-#define CKV_BF16_ROWS 8
+#define CKV_BF16_ROWS 8 /* rows of the AVX-512 register tiles (fp32 and bf16) */
 #define CKV_AVX512BF16 __attribute__((target("avx512f,avx512dq,avx512bf16")))
 
 CKV_AVX512BF16 static void dot_rows_bf16(const uint32_t *q2, int rows, int64_t D2, const uint32_t *kt2, float scale,
-                                         float *out, int64_t ld, __mmask16 m0, __mmask16 m1) {
+                                         float *out, int64_t ld, __mmask16 m0, __mmask16 m1, float *vmax,
+                                         __mmask16 x0, __mmask16 x1) {
     __m512 acc[CKV_BF16_ROWS][2];
     for (int i = 0; i < CKV_BF16_ROWS; i++)
         acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -140,26 +142,58 @@ CKV_AVX512BF16 static void dot_rows_bf16(const uint32_t *q2, int rows, int64_t D
     }
     const __m512 s = _mm512_set1_ps(scale);
     for (int i = 0; i < rows; i++) {
-        _mm512_mask_storeu_ps(out + i * ld, m0, _mm512_mul_ps(acc[i][0], s));
-        _mm512_mask_storeu_ps(out + i * ld + 16, m1, _mm512_mul_ps(acc[i][1], s));
+        const __m512 v0 = _mm512_mul_ps(acc[i][0], s), v1 = _mm512_mul_ps(acc[i][1], s);
+        float *m = vmax + i * CKV_KEY_TILE;
+        _mm512_storeu_ps(m, _mm512_mask_max_ps(_mm512_loadu_ps(m), x0, v0, _mm512_loadu_ps(m)));
+        _mm512_storeu_ps(m + 16, _mm512_mask_max_ps(_mm512_loadu_ps(m + 16), x1, v1, _mm512_loadu_ps(m + 16)));
+        _mm512_mask_storeu_ps(out + i * ld, m0, v0);
+        _mm512_mask_storeu_ps(out + i * ld + 16, m1, v1);
+    }
+}
+
+/* fp32 on AVX-512: the same 8 x 32 register tile; kt is the transposed fp32 key tile. */
+CKV_AVX512 static void dot_rows_f32(const float *q, int rows, int64_t D, const float *kt, float *out, int64_t ld,
+                                    __mmask16 m0, __mmask16 m1, float *vmax, __mmask16 x0, __mmask16 x1) {
+    __m512 acc[CKV_BF16_ROWS][2];
+    for (int i = 0; i < CKV_BF16_ROWS; i++)
+        acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        const __m512 k0 = _mm512_loadu_ps(kt + d * CKV_KEY_TILE), k1 = _mm512_loadu_ps(kt + d * CKV_KEY_TILE + 16);
+        for (int i = 0; i < CKV_BF16_ROWS; i++) {
+            const __m512 a = _mm512_set1_ps(q[(i < rows ? i : 0) * D + d]);
+            acc[i][0] = _mm512_fmadd_ps(a, k0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(a, k1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        float *m = vmax + i * CKV_KEY_TILE;
+        _mm512_storeu_ps(m, _mm512_mask_max_ps(_mm512_loadu_ps(m), x0, acc[i][0], _mm512_loadu_ps(m)));
+        _mm512_storeu_ps(m + 16, _mm512_mask_max_ps(_mm512_loadu_ps(m + 16), x1, acc[i][1], _mm512_loadu_ps(m + 16)));
+        _mm512_mask_storeu_ps(out + i * ld, m0, acc[i][0]);
+        _mm512_mask_storeu_ps(out + i * ld + 16, m1, acc[i][1]);
+    }
+}
+
+CKV_AVX512 static void dot_tile_f32_avx512(const float *q, int64_t R, int64_t D, const float *kt, float *out,
+                                           int64_t ld, int64_t T, float *vmax, int64_t lo, int64_t hi) {
+    const __mmask16 m0 = lanes16(T), m1 = lanes16(T - 16);
+    const __mmask16 x0 = (__mmask16)(lanes16(hi) & ~lanes16(lo)), x1 = (__mmask16)(lanes16(hi - 16) & ~lanes16(lo - 16));
+    for (int64_t r = 0; r < R; r += CKV_BF16_ROWS) {
+        const int rows = R - r < CKV_BF16_ROWS ? (int)(R - r) : CKV_BF16_ROWS;
+        dot_rows_f32(q + r * D, rows, D, kt, out + r * ld, ld, m0, m1, vmax + r * CKV_KEY_TILE, x0, x1);
     }
 }
 
 CKV_AVX512BF16 static void dot_tile_bf16_avx512(const uint32_t *q2, int64_t R, int64_t D2, const uint32_t *kt2,
-                                                float scale, float *out, int64_t ld, int64_t T) {
+                                                float scale, float *out, int64_t ld, int64_t T, float *vmax,
+                                                int64_t lo, int64_t hi) {
     const __mmask16 m0 = lanes16(T), m1 = lanes16(T - 16);
+    /* lanes [lo, hi) of each half */
+    const __mmask16 x0 = (__mmask16)(lanes16(hi) & ~lanes16(lo)), x1 = (__mmask16)(lanes16(hi - 16) & ~lanes16(lo - 16));
     for (int64_t r = 0; r < R; r += CKV_BF16_ROWS) {
         const int rows = R - r < CKV_BF16_ROWS ? (int)(R - r) : CKV_BF16_ROWS;
-        dot_rows_bf16(q2 + r * D2, rows, D2, kt2, scale, out + r * ld, ld, m0, m1);
+        dot_rows_bf16(q2 + r * D2, rows, D2, kt2, scale, out + r * ld, ld, m0, m1, vmax + r * CKV_KEY_TILE, x0, x1);
     }
-}
-
-CKV_AVX512 static float row_max_avx512(const float *row, int64_t n) {
-    const __m512 none = _mm512_set1_ps(-INFINITY);
-    __m512 m = none;
-    for (int64_t j = 0; j < n; j += 16)
-        m = _mm512_max_ps(_mm512_mask_loadu_ps(none, lanes16(n - j), row + j), m); /* NaN-blind, like the scalar */
-    return _mm512_reduce_max_ps(m);
 }
 
 CKV_AVX512 static float exp_shift_sum_avx512(float *row, int64_t n, float shift) {
@@ -202,21 +236,6 @@ CKV_AVX2 static float hsum256(__m256 v) {
 CKV_AVX2 static inline __m256i lanes8(int64_t left) {
     const int k = left >= 8 ? 8 : (int)left;
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-CKV_AVX2 static float row_max_avx2(const float *row, int64_t n) {
-    const __m256 none = _mm256_set1_ps(-INFINITY);
-    __m256 m = none;
-    for (int64_t j = 0; j < n; j += 8) {
-        const __m256i in = lanes8(n - j);
-        const __m256 x = _mm256_blendv_ps(none, _mm256_maskload_ps(row + j, in), _mm256_castsi256_ps(in));
-        m = _mm256_max_ps(x, m);
-    }
-    float lanes[8], mx = -INFINITY;
-    _mm256_storeu_ps(lanes, m);
-    for (int u = 0; u < 8; u++)
-        mx = lanes[u] > mx ? lanes[u] : mx;
-    return mx;
 }
 
 CKV_AVX2 static float exp_shift_sum_avx2(float *row, int64_t n, float shift) {
@@ -275,18 +294,6 @@ static int row_level(void) {
     return level;
 }
 
-float ckv_row_max(const float *row, int64_t n) {
-#if CKV_X86_INTRINSICS
-    switch (row_level()) {
-    case 3:
-    case 2: return row_max_avx512(row, n);
-    case 1: return row_max_avx2(row, n);
-    default: break;
-    }
-#endif
-    return row_max_scalar(row, n);
-}
-
 float ckv_exp_shift_sum(float *row, int64_t n, float shift) {
     if (!isfinite(shift))
         return NAN; /* the caller reports non-finite scores */
@@ -301,13 +308,73 @@ float ckv_exp_shift_sum(float *row, int64_t n, float shift) {
     return exp_shift_sum_scalar(row, n, shift);
 }
 
+#if CKV_X86_INTRINSICS
+/* 16 rows of 16 words -> 16 columns: dst[w * ldd + t] = src[t * lds + w] for t, w < 16. Three rounds of
+ * interleaves (32-bit, 64-bit, then 128-bit lanes twice). */
+CKV_AVX512 static void transpose16_avx512(const uint32_t *src, int64_t lds, uint32_t *dst, int64_t ldd) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512(src + i * lds);
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0x88);
+            t[h + 4 + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    }
+    for (int i = 0; i < 16; i++)
+        _mm512_storeu_si512(dst + i * ldd, r[i]);
+}
+#endif
+
+void ckv_transpose_u32(const uint32_t *src, int64_t lds, int64_t rows, int64_t W, uint32_t *dst, int64_t ldd) {
+    int64_t t0 = 0;
+#if CKV_X86_INTRINSICS
+    if (row_level() >= 2)
+        for (; t0 + 16 <= rows; t0 += 16) {
+            int64_t w0 = 0;
+            for (; w0 + 16 <= W; w0 += 16)
+                transpose16_avx512(src + t0 * lds + w0, lds, dst + w0 * ldd + t0, ldd);
+            for (int64_t t = t0; t < t0 + 16; t++) /* the last W % 16 words */
+                for (int64_t w = w0; w < W; w++)
+                    dst[w * ldd + t] = src[t * lds + w];
+        }
+#endif
+    for (int64_t t = t0; t < rows; t++)
+        for (int64_t w = 0; w < W; w++)
+            dst[w * ldd + t] = src[t * lds + w];
+}
+
+void ckv_dot_tile(const float *q, int64_t R, int64_t D, const float *kt, float *out, int64_t ld, int64_t T,
+                  float *vmax, int64_t lo, int64_t hi) {
+#if CKV_X86_INTRINSICS
+    if (row_level() >= 2) {
+        dot_tile_f32_avx512(q, R, D, kt, out, ld, T, vmax, lo, hi);
+        return;
+    }
+#endif
+    dot_tile_portable(q, R, D, kt, out, ld, T, vmax, lo, hi);
+}
+
 int ckv_cpu_has_bf16_dot(void) { return row_level() >= 3; }
 
 void ckv_dot_tile_bf16(const uint32_t *q2, int64_t R, int64_t D2, const uint32_t *kt2, float scale, float *out,
-                       int64_t ld, int64_t T) {
+                       int64_t ld, int64_t T, float *vmax, int64_t lo, int64_t hi) {
 #if CKV_X86_INTRINSICS
     if (row_level() >= 3) {
-        dot_tile_bf16_avx512(q2, R, D2, kt2, scale, out, ld, T);
+        dot_tile_bf16_avx512(q2, R, D2, kt2, scale, out, ld, T, vmax, lo, hi);
         return;
     }
 #endif
@@ -321,6 +388,8 @@ void ckv_dot_tile_bf16(const uint32_t *q2, int64_t R, int64_t D2, const uint32_t
                 a += ckv_bits_to_f32(x & 0xffff0000u) * ckv_bits_to_f32(y & 0xffff0000u);
             }
             out[r * ld + t] = a * scale;
+            if (t >= lo && t < hi && out[r * ld + t] > vmax[r * CKV_KEY_TILE + t])
+                vmax[r * CKV_KEY_TILE + t] = out[r * ld + t];
         }
 }
 

@@ -181,6 +181,23 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(ckv_get_num_threads());
 }
 
+static PyObject *py_fma_peak(PyObject *self, PyObject *args) {
+    (void)self;
+    int threads = 0;
+    double seconds = 0.2;
+    if (!PyArg_ParseTuple(args, "|id:fma_peak_gflops", &threads, &seconds))
+        return NULL;
+    if (!(seconds > 0.0 && seconds <= 60.0)) {
+        PyErr_SetString(PyExc_ValueError, "fma_peak_gflops: seconds must be in (0, 60]");
+        return NULL;
+    }
+    double gflops;
+    Py_BEGIN_ALLOW_THREADS
+    gflops = ckv_fma_peak_gflops(threads, seconds);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(gflops);
+}
+
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
@@ -199,6 +216,8 @@ PyMethodDef ckv_py_methods[] = {
      "select_count(method, budget, chunk_size, keep_fraction, L) -> columns of select's output."},
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): CPU threads; n <= 0 restores the default."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int."},
+    {"fma_peak_gflops", py_fma_peak, METH_VARARGS,
+     "fma_peak_gflops(threads=0, seconds=0.2) -> float: measured fp32 FMA peak of the CPU."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict of what this build has."},
     {NULL, NULL, 0, NULL},
 };

@@ -101,8 +101,9 @@ def speed_section(data: dict) -> str:
     m = data["machine"]
     lines = ["## Speed", "",
              f"`benchmarks/speed.py` on this machine ({m['threads']} threads, SIMD {m['simd']}, torch {m['torch']}): "
-             f"copy bandwidth {m['bandwidth_gbs']:.1f} GB/s and fp32 matmul peak {m['fp32_gflops']:.1f} GFLOP/s, "
-             "both measured in the same run. One layer of Llama-3-8B shape (Hq 32, Hkv 8, D 128), window 32, "
+             f"copy bandwidth {m['bandwidth_gbs']:.1f} GB/s and fp32 FMA peak {m['fp32_gflops']:.1f} GFLOP/s "
+             + (f"(a torch fp32 matmul reached {m['matmul_gflops']:.1f} GFLOP/s) " if "matmul_gflops" in m else "")
+             + "measured in the same run. One layer of Llama-3-8B shape (Hq 32, Hkv 8, D 128), window 32, "
              "chunk 10, budget 10% of L; medians. kvpress is `ChunkKVPress(SnapKVPress(0.9))` (window 64, "
              "chunk 20) in its own venv, its query projection subtracted.", ""]
     if "gather_gbs" in m:

@@ -7,8 +7,10 @@ Kernels, on the same tensors, in one run (ratios are what count on a noisy machi
   kvpress    kvpress's ChunkKVPress(SnapKVPress(compression_ratio=0.9)).compress in its own venv
              (--kvpress-venv; its query projection, timed apart, is subtracted), else null
 and the per-layer cost with reuse=2 (a leader selects and gathers, a follower only gathers).
-The machine's limits are measured in the same run: memory bandwidth (a large torch copy) and fp32
-peak (a large torch matmul), with the same thread count.
+The machine's limits are measured in the same run, with the same thread count: memory bandwidth (a
+large torch copy), the fp32 FMA peak (chunkkv.ops.fma_peak_gflops: independent FMAs in registers at the
+widest vector width, the true ceiling) and, for reference, a large torch fp32 matmul (which can run below
+the FMA peak, e.g. when the BLAS takes a narrower code path on this CPU).
 
 End to end with SmolLM2-135M-Instruct (skipped with --no-e2e): prefill time with and without
 compression, decode tokens per second, and KV memory (full, after compression, peak during prefill).
@@ -51,7 +53,7 @@ def median_ms(fn, reps: int, warmup: int = 1) -> float:
 
 
 def machine_limits(threads: int) -> dict:
-    """Best-of copy bandwidth (GB/s, read + write) and fp32 matmul rate (GFLOP/s), measured here."""
+    """Best-of copy bandwidth (GB/s, read + write), fp32 FMA peak and torch matmul rate (GFLOP/s), measured here."""
     torch.set_num_threads(threads)
     src = torch.ones(64 * 2**20)  # 256 MiB
     dst = torch.empty_like(src)
@@ -59,7 +61,8 @@ def machine_limits(threads: int) -> dict:
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     flops = max(2 * n**3 / (median_ms(lambda: torch.mm(a, b), 1, 1) / 1e3) / 1e9 for _ in range(5))
-    return {"bandwidth_gbs": bw, "fp32_gflops": flops}
+    peak = max(chunkkv.ops.fma_peak_gflops(threads, 0.3) for _ in range(3))
+    return {"bandwidth_gbs": bw, "fp32_gflops": peak, "matmul_gflops": flops}
 
 
 def kernel_cases(lengths, dtypes, reps, threads, kvpress_python):
@@ -191,8 +194,8 @@ def main() -> None:
     if kv_python and not kv_python.exists():
         sys.exit(f"no python in {args.kvpress_venv}")
     limits = machine_limits(args.threads)
-    print(f"machine: {limits['bandwidth_gbs']:.1f} GB/s copy, {limits['fp32_gflops']:.1f} GFLOP/s fp32 matmul, "
-          f"{args.threads} threads", flush=True)
+    print(f"machine: {limits['bandwidth_gbs']:.1f} GB/s copy, {limits['fp32_gflops']:.1f} GFLOP/s fp32 FMA peak "
+          f"({limits['matmul_gflops']:.1f} GFLOP/s torch fp32 matmul), {args.threads} threads", flush=True)
     cases = kernel_cases(lengths, ["float32", "bfloat16"], reps, args.threads, kv_python)
     limits["gather_gbs"] = gather_bandwidth(reps)
     print(f"gather of half of a 32k-token layer: {limits['gather_gbs']:.1f} GB/s "

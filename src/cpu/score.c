@@ -2,15 +2,13 @@
  * score.c -- window-attention token scores on the CPU.  <-- a token's score is computed here
  *
  * For one (batch row b, KV head g) the G*w window queries of the heads that
- * read g form the rows of a small matrix Q [R = G*w, D]. Keys are read once,
- * in tiles of CKV_KEY_TILE transposed for the register tiles of cpu/simd.c,
- * for all R rows. Each tile of logits Q . K^T becomes softmax numerators while
- * it is still in cache (shifted by the row's running maximum); a last pass
- * rescales each tile to the row's final maximum and sum and adds the
- * probabilities of keys j < P into scores[b, g, :P] (row by row, in fp32).
- * Long query sets (H2O passes all L prompt queries) are scored in blocks of
- * CKV_QUERY_BLOCK queries, each against only the keys it can see, so nothing
- * is L x L.
+ * read g form the rows of a small matrix Q [R = G*w, D]. Each key is loaded
+ * once (as fp32, in tiles of CKV_KEY_TILE) for all R rows, the logits
+ * Q . K^T land in a per-thread buffer [R, L], each row becomes a causal
+ * softmax, and the probabilities of the keys j < P are summed into
+ * scores[b, g, :P] (row by row, in fp32). Long query sets (H2O passes all L
+ * prompt queries) are scored in blocks of CKV_QUERY_BLOCK queries, each
+ * against only the keys it can see, so nothing is L x L.
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,11 +31,9 @@ static inline const char *row_ptr(const ckv_tensor *t, int64_t i0, int64_t i1, i
 /* Query rows scored together: the window is one block; H2O's L queries are many. */
 #define CKV_QUERY_BLOCK 64
 
-/* Floats of scratch one (b, g) task needs: numerators [R, L], queries [R, D], key tile [D, T], per-tile
- * shifts and sums [R, tiles] each, running maxima [R]. */
+/* Floats of scratch one (b, g) task needs: logits [R, L], queries [R, D], key tile [D, T], lane maxima [R, T]. */
 static size_t task_scratch(int64_t R, int64_t L, int64_t D) {
-    const int64_t tiles = (L + CKV_KEY_TILE - 1) / CKV_KEY_TILE;
-    return (size_t)(R * L + R * D + D * CKV_KEY_TILE + 2 * R * tiles + R);
+    return (size_t)(R * L + R * D + D * CKV_KEY_TILE + R * CKV_KEY_TILE);
 }
 
 /* Keys j0 .. j0+T-1 of (b, g) as fp32, transposed into kt [D, CKV_KEY_TILE]; columns T.. are zero. */
@@ -80,73 +76,55 @@ static void pack_bf16_pairs(const char *src, int64_t sd, int64_t D, uint32_t *ds
         dst[(D / 2) * dst_stride] = (uint32_t)x[(D - 1) * sd];
 }
 
-/* Keys j0 .. j0+T-1 of (b, g), bf16, as pairs of neighbouring d transposed into kt2 [D2, CKV_KEY_TILE];
- * columns T.. are zero. */
-static void pack_key_tile_bf16(const ckv_tensor *k, int64_t b, int64_t g, int64_t j0, int64_t T, uint32_t *kt2) {
-    const int64_t D = k->shape[3], D2 = (D + 1) / 2;
-    const char *first = row_ptr(k, b, g, j0);
-    if (T < CKV_KEY_TILE)
-        memset(kt2, 0, (size_t)(D2 * CKV_KEY_TILE) * sizeof *kt2);
-    /* rows of contiguous, 4-byte aligned pairs: a blocked transpose of 32-bit words */
-    if (k->strides[3] == 1 && D % 2 == 0 && k->strides[2] % 2 == 0 && (uintptr_t)first % 4 == 0) {
-        ckv_transpose_u32((const uint32_t *)first, k->strides[2] / 2, T, D2, kt2, CKV_KEY_TILE);
-        return;
-    }
-    for (int64_t t = 0; t < T; t++)
-        pack_bf16_pairs(row_ptr(k, b, g, j0 + t), k->strides[3], D, kt2 + t, CKV_KEY_TILE);
-}
-
 /*
  * Queries i0 .. i0+nq-1 of q (of w in all, sitting at positions L-w .. L-1) for
  * the G heads of KV head g: each sees keys [start, L-w+i]; its probabilities of
- * keys j < acc are added to out[j]. Tile by tile (32 keys): Q . K^T, then the
- * softmax numerators while the tile is in cache; one last pass rescales each
- * tile to the row's final maximum and sum and adds it to out.
+ * keys j < acc are added to out[j].
  */
 static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int64_t g, float scale, int64_t start,
                         int64_t i0, int64_t nq, int64_t acc, float *out, float *scratch) {
     const int64_t G = q->shape[1] / k->shape[1], w = q->shape[2], D = q->shape[3];
     const int64_t first_pos = k->shape[2] - w + i0; /* position of query i0 */
     const int64_t Lk = first_pos + nq;              /* keys any of these queries sees */
-    const int64_t R = G * nq, ntiles = (Lk + CKV_KEY_TILE - 1) / CKV_KEY_TILE;
-    float *numer = scratch;                /* [R, Lk]: logits, then softmax numerators */
-    float *qm = numer + R * Lk;            /* [R, D]: queries, pre-scaled (fp32) or bf16 pairs */
-    float *kt = qm + R * D;                /* [D, CKV_KEY_TILE]: one transposed key tile */
-    float *ref = kt + D * CKV_KEY_TILE;    /* [R, ntiles]: each tile's shift, then its factor */
-    float *sums = ref + R * ntiles;        /* [R, ntiles]: each tile's sum of numerators */
-    float *run_max = sums + R * ntiles;    /* [R] */
-    const int bf16 = q->dtype == CKV_DTYPE_BF16 && k->dtype == CKV_DTYPE_BF16 && ckv_cpu_has_bf16_dot();
-    const int64_t D2 = (D + 1) / 2;
-    uint32_t *q2 = (uint32_t *)qm, *kt2 = (uint32_t *)kt;
+    const int64_t R = G * nq;
+    float *logits = scratch;     /* [R, Lk] */
+    float *qm = logits + R * Lk; /* [R, D], pre-scaled */
+    float *kt = qm + R * D;      /* [D, CKV_KEY_TILE] */
+    float *vmax = kt + D * CKV_KEY_TILE; /* [R, CKV_KEY_TILE]: running maxima of the keys all rows see */
+    for (int64_t i = 0; i < R * CKV_KEY_TILE; i++)
+        vmax[i] = -INFINITY;
 
-    for (int64_t h = 0; h < G; h++)
-        for (int64_t i = 0; i < nq; i++) {
-            const char *src = row_ptr(q, b, g * G + h, i0 + i);
-            if (bf16) { /* operands stay bf16; the scale is applied to the fp32 logits */
-                pack_bf16_pairs(src, q->strides[3], D, q2 + (h * nq + i) * D2, 1);
-                continue;
+    if (q->dtype == CKV_DTYPE_BF16 && k->dtype == CKV_DTYPE_BF16 && ckv_cpu_has_bf16_dot()) {
+        /* bf16 dot products: operands stay bf16 (in pairs), the scale is applied to the fp32 logits */
+        const int64_t D2 = (D + 1) / 2;
+        uint32_t *q2 = (uint32_t *)qm, *kt2 = (uint32_t *)kt;
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t i = 0; i < nq; i++)
+                pack_bf16_pairs(row_ptr(q, b, g * G + h, i0 + i), q->strides[3], D, q2 + (h * nq + i) * D2, 1);
+        for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
+            const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
+            const char *first = row_ptr(k, b, g, j0);
+            if (T < CKV_KEY_TILE)
+                memset(kt2, 0, (size_t)(D2 * CKV_KEY_TILE) * sizeof *kt2);
+            if (k->strides[3] == 1 && D % 2 == 0 && k->strides[2] % 2 == 0 && (uintptr_t)first % 4 == 0)
+                ckv_transpose_u32((const uint32_t *)first, k->strides[2] / 2, T, D2, kt2, CKV_KEY_TILE);
+            else
+                for (int64_t t = 0; t < T; t++)
+                    pack_bf16_pairs(row_ptr(k, b, g, j0 + t), k->strides[3], D, kt2 + t, CKV_KEY_TILE);
+            ckv_dot_tile_bf16(q2, R, D2, kt2, scale, logits + j0, Lk, T, vmax, start - j0, first_pos + 1 - j0);
+        }
+    } else {
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t i = 0; i < nq; i++) {
+                const char *src = row_ptr(q, b, g * G + h, i0 + i);
+                float *dst = qm + (h * nq + i) * D;
+                for (int64_t d = 0; d < D; d++)
+                    dst[d] = ckv_load_f32(src, q->dtype, d * q->strides[3]) * scale;
             }
-            float *dst = qm + (h * nq + i) * D;
-            for (int64_t d = 0; d < D; d++)
-                dst[d] = ckv_load_f32(src, q->dtype, d * q->strides[3]) * scale;
-        }
-    for (int64_t r = 0; r < R; r++)
-        run_max[r] = -INFINITY;
-
-    for (int64_t tile = 0; tile < ntiles; tile++) {
-        const int64_t j0 = tile * CKV_KEY_TILE, T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
-        if (bf16) {
-            pack_key_tile_bf16(k, b, g, j0, T, kt2);
-            ckv_dot_tile_bf16(q2, R, D2, kt2, scale, numer + j0, Lk, T);
-        } else {
+        for (int64_t j0 = 0; j0 < Lk; j0 += CKV_KEY_TILE) {
+            const int64_t T = Lk - j0 < CKV_KEY_TILE ? Lk - j0 : CKV_KEY_TILE;
             pack_key_tile(k, b, g, j0, T, kt);
-            ckv_dot_tile(qm, R, D, kt, numer + j0, Lk, T);
-        }
-        if (ckv_exp_tile(numer + j0, R, Lk, T, start - j0, first_pos + 1 - j0, nq, run_max, ref + tile, sums + tile,
-                         ntiles)) {
-            for (int64_t j = 0; j < acc; j++) /* a non-finite logit: poison the scores, ops.c reports them */
-                out[j] = NAN;
-            return;
+            ckv_dot_tile(qm, R, D, kt, logits + j0, Lk, T, vmax, start - j0, first_pos + 1 - j0);
         }
     }
 
@@ -154,20 +132,24 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
         const int64_t visible = first_pos + r % nq + 1; /* query sees keys [start, its position] */
         if (visible <= start)
             continue; /* a padding query: it pays no attention */
-        /* tile factors exp(shift - max) / sum: tiles it cannot see get factor 1 and hold zeros */
-        float *factor = ref + r * ntiles;
-        const float *sum = sums + r * ntiles, mx = run_max[r];
-        for (int64_t t = 0; t < ntiles; t++)
-            factor[t] = factor[t] == -INFINITY ? mx : factor[t];
-        ckv_exp_shift_sum(factor, ntiles, mx);
-        float total = 0.0f;
-        for (int64_t t = 0; t < ntiles; t++)
-            total += sum[t] * factor[t];
-        const float inv = 1.0f / total;
-        for (int64_t t = 0; t < ntiles; t++)
-            factor[t] *= inv;
-        const int64_t upto = acc < visible ? acc : visible; /* probabilities accumulated */
-        ckv_axpy_tiles(out, numer + r * Lk, upto, factor);
+        float *row = logits + r * Lk + start;
+        float *dst = out + start;
+        const int64_t span = visible - start;
+        const int64_t upto = (acc < visible ? acc : visible) - start; /* probabilities accumulated */
+        /* the row maximum: the lanes' maxima over keys [start, first_pos], then this row's own last keys */
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < CKV_KEY_TILE; t++)
+            mx = vmax[r * CKV_KEY_TILE + t] > mx ? vmax[r * CKV_KEY_TILE + t] : mx;
+        for (int64_t j = first_pos + 1 > start ? first_pos + 1 : start; j < visible; j++)
+            mx = logits[r * Lk + j] > mx ? logits[r * Lk + j] : mx;
+        const float sum = ckv_exp_shift_sum(row, span, mx);
+        if (!(sum > 0.0f)) { /* NaN: a non-finite logit; poison the scores, ops.c reports them */
+            for (int64_t j = 0; j < acc; j++)
+                out[j] = NAN;
+            return;
+        }
+        if (upto > 0)
+            ckv_axpy(dst, row, upto, 1.0f / sum);
     }
 }
 

@@ -13,7 +13,8 @@ widest vector width, the true ceiling) and, for reference, a large torch fp32 ma
 the FMA peak, e.g. when the BLAS takes a narrower code path on this CPU).
 
 End to end with SmolLM2-135M-Instruct (skipped with --no-e2e): prefill time with and without
-compression, decode tokens per second, and KV memory (full, after compression, peak during prefill).
+compression, decode tokens per second, and KV memory (full, after compression, peak during prefill);
+with --kvpress-venv also kvpress's ChunkKV and a full cache in kvpress's own environment.
 
     python benchmarks/speed.py --json benchmarks/results/speed.json [--quick]
 """
@@ -122,16 +123,37 @@ def kvpress_time(python: Path, q, k, v, reps: int):
         return json.loads(r.stdout.strip().splitlines()[-1])["compress_ms"]
 
 
-def e2e(lengths, new_tokens: int, ratio: float) -> list[dict]:
+def kvpress_e2e(python: Path, prompts: list[list[int]], new_tokens: int, ratio: float, threads: int) -> list[dict]:
+    """The same prompts through kvpress (ChunkKVPress(SnapKVPress), chunk 10) and its own full cache, in its venv."""
+    from chunkkv.models import smollm2_gguf_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"gguf": smollm2_gguf_path(), "prompts": prompts, "new_tokens": new_tokens,
+                                   "ratio": ratio, "threads": threads}))
+        r = subprocess.run([str(python), str(HERE / "_kvpress_e2e_worker.py"), str(job)], capture_output=True,
+                           text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    if r.returncode != 0:
+        print(r.stderr[-2000:], file=sys.stderr)
+        return []
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    for row in rows:
+        print(f"e2e {row['prompt_tokens']:5d} tokens {row['cache']:12s} prefill {row['prefill_s']:6.2f} s  decode "
+              f"{row['decode_tok_s']:6.1f} tok/s  KV {row['kv_bytes_after_prefill'] / 2**20:7.1f} MiB", flush=True)
+    return rows
+
+
+def e2e(lengths, new_tokens: int, ratio: float, kvpress_python: Path | None = None, threads: int = 1) -> list[dict]:
     from transformers import DynamicCache
 
     from chunkkv.__main__ import haystack_prompt
     from chunkkv.models import load_smollm2
 
     model, tok = load_smollm2(attn_implementation="sdpa")
-    rows = []
+    rows, prompts = [], []
     for n in lengths:
         ids = tok(haystack_prompt(tok, n, 0.5, 12345), return_tensors="pt").input_ids
+        prompts.append(ids[0].tolist())
         for name in ("full", "chunkkv"):
             handle = chunkkv.patch(model, keep_ratio=ratio) if name == "chunkkv" else None
             peak = {"bytes": 0, "before": 0}
@@ -173,6 +195,8 @@ def e2e(lengths, new_tokens: int, ratio: float) -> list[dict]:
             print(f"e2e {ids.shape[1]:5d} tokens {name:8s} prefill {prefill:6.2f} s  decode "
                   f"{rows[-1]['decode_tok_s']:6.1f} tok/s  KV {kv_after / 2**20:7.1f} MiB "
                   f"(peak in prefill {peak['bytes'] / 2**20:7.1f} MiB)", flush=True)
+    if kvpress_python:
+        rows += kvpress_e2e(kvpress_python, prompts, new_tokens, ratio, threads)
     return rows
 
 
@@ -201,7 +225,7 @@ def main() -> None:
     print(f"gather of half of a 32k-token layer: {limits['gather_gbs']:.1f} GB/s "
           f"({100 * limits['gather_gbs'] / limits['bandwidth_gbs']:.0f}% of the copy bandwidth)", flush=True)
     e2e_rows = [] if args.no_e2e else e2e([1000] if args.quick else [2048, 4096, 8192], 8 if args.quick else
-                                        args.new_tokens, 0.1)
+                                        args.new_tokens, 0.1, kv_python, args.threads)
     result = {"machine": {**limits, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                           "simd": chunkkv.build_info()["simd"], "torch": torch.__version__},
               "quick": args.quick, "cases": cases, "e2e": e2e_rows}

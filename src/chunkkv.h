@@ -126,7 +126,10 @@ int64_t ckv_select_count(const ckv_select_params *params, int64_t L);
  * all L prompt queries this is H2O's column sums, computed in blocks of
  * queries without an L x L buffer. With row_starts (see
  * ckv_select_params) keys before the start are masked out and window queries
- * before it add nothing.
+ * before it add nothing. On the CPU, bf16 queries with bf16 keys multiply as
+ * bf16 on AVX512-BF16 (exact products, fp32 sums, scale applied to the sums;
+ * that instruction flushes bf16 subnormals, below 1.2e-38, to zero); other
+ * dtypes are converted to fp32 and the queries pre-scaled.
  */
 ckv_status ckv_score(const ckv_tensor *queries, const ckv_tensor *keys, float scale,
                      const int64_t *row_starts, ckv_tensor *scores, void *stream);

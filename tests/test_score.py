@@ -80,6 +80,26 @@ def test_score_window_is_causal(w):
     np.testing.assert_allclose(diff, last, rtol=1e-3, atol=1e-5 * 2 * w)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_score_long_context_in_head_passes(dtype, tally):
+    """At long L the core scores a KV head's query heads in several passes (so their numerators stay in
+    cache; score.c, CKV_NUMER_FLOATS): 64 queries x 40,000 keys is over that budget, so each of the G = 3
+    heads is its own pass, and spans of 1024 keys see running maxima that change (a late large logit)."""
+    rng = np.random.default_rng(7)
+    B, Hkv, G, w, L, D = 1, 2, 3, 64, 40_000, 16
+    lib = "torch" if dtype == "bfloat16" else "numpy"
+    if lib == "torch":
+        need_torch()
+    kv = rng.standard_normal((B, Hkv, L, D))
+    kv[:, :, L // 2] *= 6.0  # a key far above the others halfway: the running maximum jumps there
+    q, q64 = make(rng.standard_normal((B, Hkv * G, w, D)), dtype, lib)
+    k, k64 = make(kv, dtype, lib)
+    for starts in (None, [12_345]):
+        got = chunkkv.score(q, k, row_starts=starts)
+        assert_scores_close(got, ref.score(q64, k64, None, starts))
+        tally["cases"]["score"] += 1
+
+
 @pytest.mark.parametrize("L,w", [(1, 1), (5, 5), (64, 64), (3000, 1), (2999, 2)])
 def test_score_edges(L, w):
     rng = np.random.default_rng(L * 7 + w)

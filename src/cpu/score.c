@@ -35,6 +35,9 @@ static inline const char *row_ptr(const ckv_tensor *t, int64_t i0, int64_t i1, i
  * become numerators. */
 #define CKV_SPAN_KEYS 1024
 
+/* Numerators one thread keeps for a pass (floats): 8 MiB, so two threads' fit a 32 MiB L3. */
+#define CKV_NUMER_FLOATS (2 * 1024 * 1024)
+
 /* Floats of scratch one (b, g) task needs: numerators [R, L], queries [R, D], key tile [D, T], lane maxima
  * [R, T], per-span shifts and sums [R, spans] each, running maxima [R]. */
 static size_t task_scratch(int64_t R, int64_t L, int64_t D) {
@@ -99,9 +102,9 @@ static void pack_key_tile_bf16(const ckv_tensor *k, int64_t b, int64_t g, int64_
 }
 
 /*
- * Queries i0 .. i0+nq-1 of q (of w in all, sitting at positions L-w .. L-1) for
- * the G heads of KV head g: each sees keys [start, L-w+i]; its probabilities of
- * keys j < acc are added to out[j].
+ * Queries i0 .. i0+nq-1 of q (of w in all, sitting at positions L-w .. L-1) of
+ * the query heads h0 .. h0+nh-1 of KV head g: each sees keys [start, L-w+i]; its
+ * probabilities of keys j < acc are added to out[j].
  *
  * Keys go in spans of CKV_SPAN_KEYS: the span's logits (R x 1024 floats, in L2)
  * are computed tile by tile, then each row's span becomes softmax numerators
@@ -110,12 +113,12 @@ static void pack_key_tile_bf16(const ckv_tensor *k, int64_t b, int64_t g, int64_
  * with the numerators written and read once. Within a span every key of a row
  * shares one shift, so equal logits there give equal scores.
  */
-static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int64_t g, float scale, int64_t start,
-                        int64_t i0, int64_t nq, int64_t acc, float *out, float *scratch) {
+static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int64_t g, int64_t h0, int64_t nh,
+                        float scale, int64_t start, int64_t i0, int64_t nq, int64_t acc, float *out, float *scratch) {
     const int64_t G = q->shape[1] / k->shape[1], w = q->shape[2], D = q->shape[3];
     const int64_t first_pos = k->shape[2] - w + i0; /* position of query i0 */
     const int64_t Lk = first_pos + nq;              /* keys any of these queries sees */
-    const int64_t R = G * nq, nspans = (Lk + CKV_SPAN_KEYS - 1) / CKV_SPAN_KEYS;
+    const int64_t R = nh * nq, nspans = (Lk + CKV_SPAN_KEYS - 1) / CKV_SPAN_KEYS;
     float *numer = scratch;             /* [R, Lk]: logits, then softmax numerators */
     float *qm = numer + R * Lk;         /* [R, D]: queries, pre-scaled fp32 or bf16 pairs */
     float *kt = qm + R * D;             /* [D, CKV_KEY_TILE]: one transposed key tile */
@@ -127,9 +130,9 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
     const int64_t D2 = (D + 1) / 2;
     uint32_t *q2 = (uint32_t *)qm, *kt2 = (uint32_t *)kt;
 
-    for (int64_t h = 0; h < G; h++)
+    for (int64_t h = 0; h < nh; h++)
         for (int64_t i = 0; i < nq; i++) {
-            const char *src = row_ptr(q, b, g * G + h, i0 + i);
+            const char *src = row_ptr(q, b, g * G + h0 + h, i0 + i);
             if (bf16) { /* operands stay bf16; the scale is applied to the fp32 logits */
                 pack_bf16_pairs(src, q->strides[3], D, q2 + (h * nq + i) * D2, 1);
                 continue;
@@ -209,8 +212,12 @@ ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, 
     const int64_t H = k->shape[1], L = k->shape[2], D = k->shape[3];
     const int64_t w = q->shape[2], G = q->shape[1] / H;
     const int64_t block = w < CKV_QUERY_BLOCK ? w : CKV_QUERY_BLOCK;
+    /* query heads per pass: the numerators [heads * block, L] of a thread stay within CKV_NUMER_FLOATS (so
+     * they stay in the last-level cache) at the price of reading the keys once per pass */
+    int64_t nh = CKV_NUMER_FLOATS / (block * L);
+    nh = nh < 1 ? 1 : nh > G ? G : nh;
     const int64_t tasks = k->shape[0] * H;
-    const size_t per_task = task_scratch(G * block, L, D);
+    const size_t per_task = task_scratch(nh * block, L, D);
     const int nthreads = ckv_threads_for(tasks, (double)tasks * (double)(G * w) * (double)L * (double)D);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -229,8 +236,9 @@ ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, 
             const int64_t start = row_starts ? row_starts[task / H] : 0;
             memset(out, 0, (size_t)P * sizeof *out);
             for (int64_t i0 = 0; i0 < w; i0 += block)
-                score_block(q, k, task / H, task % H, scale, start, i0, w - i0 < block ? w - i0 : block, P, out,
-                            scratch);
+                for (int64_t h0 = 0; h0 < G; h0 += nh)
+                    score_block(q, k, task / H, task % H, h0, G - h0 < nh ? G - h0 : nh, scale, start, i0,
+                                w - i0 < block ? w - i0 : block, P, out, scratch);
         }
         free(scratch);
     }

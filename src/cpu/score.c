@@ -2,13 +2,14 @@
  * score.c -- window-attention token scores on the CPU.  <-- a token's score is computed here
  *
  * For one (batch row b, KV head g) the G*w window queries of the heads that
- * read g form the rows of a small matrix Q [R = G*w, D]. Each key is loaded
- * once (as fp32, in tiles of CKV_KEY_TILE) for all R rows, the logits
- * Q . K^T land in a per-thread buffer [R, L], each row becomes a causal
- * softmax, and the probabilities of the keys j < P are summed into
- * scores[b, g, :P] (row by row, in fp32). Long query sets (H2O passes all L
- * prompt queries) are scored in blocks of CKV_QUERY_BLOCK queries, each
- * against only the keys it can see, so nothing is L x L.
+ * read g form the rows of a small matrix Q [R = G*w, D]. Keys are read in
+ * tiles of CKV_KEY_TILE, transposed for the register tiles of cpu/simd.c, for
+ * all R rows (at long L the G heads go in passes, so the numerators stay in
+ * cache). Each span of 1024 keys' logits becomes softmax numerators while in
+ * cache; a last pass rescales each span and adds the probabilities of keys
+ * j < P into scores[b, g, :P] (row by row, in fp32). Long query sets (H2O
+ * passes all L prompt queries) are scored in blocks of CKV_QUERY_BLOCK
+ * queries, each against only the keys it can see, so nothing is L x L.
  */
 #include <math.h>
 #include <stdint.h>

@@ -1,7 +1,9 @@
 /*
- * simd.c -- plain C loops that gcc/clang vectorise; on x86-64 with GCC each is
- * cloned for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the baseline, and
- * the loader picks the best clone for the CPU it runs on (ifunc).
+ * simd.c -- the inner loops of scoring: Q . K^T register tiles, key transposes,
+ * and the exp pass. Each has a portable version (plain C that gcc vectorises;
+ * with GCC on x86-64 cloned for x86-64-v4/-v3/baseline, picked by the loader)
+ * and hand-written AVX-512 / AVX512-BF16 / AVX2 versions picked once at run
+ * time by row_level(), which CHUNKKV_SIMD can lower (for tests).
  */
 #include "simd.h"
 
@@ -402,19 +404,4 @@ CKV_CLONES
 void ckv_axpy(float *dst, const float *src, int64_t n, float a) {
     for (int64_t j = 0; j < n; j++)
         dst[j] += src[j] * a;
-}
-
-const char *ckv_cpu_simd_level(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-#if defined(CKV_CLONES_ON) || (!defined(__clang__) && defined(__linux__) && !defined(CKV_NO_CLONES))
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-        return "avx512";
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return "avx2";
-#endif
-    return "baseline";
-#else
-    return "baseline";
-#endif
 }

@@ -1,6 +1,6 @@
 /*
- * simd.h -- the two inner loops of scoring, written so the compiler vectorises
- * them, and built for several x86 levels picked at run time (cpu/simd.c).
+ * simd.h -- the inner loops of scoring (cpu/simd.c): portable C plus AVX-512,
+ * AVX512-BF16 and AVX2 versions, picked once at run time.
  */
 #ifndef CKV_CPU_SIMD_H
 #define CKV_CPU_SIMD_H
@@ -38,9 +38,6 @@ void ckv_dot_tile_bf16(const uint32_t *q2, int64_t R, int64_t D2, const uint32_t
 
 /* "avx512-bf16", "avx512", "avx2" or "baseline": the level of the softmax row passes (CHUNKKV_SIMD lowers it). */
 const char *ckv_cpu_row_level(void);
-
-/* "avx512", "avx2", or "baseline": the clone the dispatcher picks on this CPU. */
-const char *ckv_cpu_simd_level(void);
 
 /* fp32 GFLOP/s of independent FMAs held in registers, on `threads` OpenMP threads for about `seconds`. */
 double ckv_cpu_fma_peak(int threads, double seconds);

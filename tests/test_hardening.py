@@ -307,10 +307,11 @@ def test_other_threads_run_while_a_long_kernel_runs(capsys):
                     rng.standard_normal((B, 1, L, D)).astype(np.float32))
 
         q, k = make(1)
+        chunkkv.select(q, k, budget=512)  # warm up (thread pool, page faults): time the second call
         t = time.perf_counter()
         chunkkv.select(q, k, budget=512)
         one = time.perf_counter() - t
-        B = int(min(48, max(1, np.ceil(0.5 / max(one, 1e-3)))))
+        B = int(min(320, max(1, np.ceil(0.5 / max(one, 1e-3)))))  # the faster the kernel, the larger B (k: 2 MiB a row)
         q, k = make(B)
 
         count, stop = [0], threading.Event()

@@ -70,7 +70,7 @@ def make_sample(task: str, length: int, index: int, seed: int, hay_essays: C.Hay
         names = set()
         while len(names) < 5:
             names.add("".join(rng.choice(string.ascii_uppercase) for _ in range(5)))
-        names = list(names)
+        names = sorted(names)  # a set's order follows the string hash seed, which differs per process
         rng.shuffle(names)
         lines = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 5)]
         depths = sorted(rng.random() for _ in lines)

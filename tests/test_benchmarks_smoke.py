@@ -90,6 +90,40 @@ def test_ruler(tmp_path, capsys):
     check_resume("ruler", out, 24, capsys, *args)
 
 
+_SAMPLE_PROBE = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[1])
+import common as C, ruler
+
+class Bytes:  # a byte-level tokenizer without a chat template: no model or data needed
+    chat_template = None
+    def __call__(self, text, add_special_tokens=True):
+        return type("Enc", (), {"input_ids": list(text.encode())})()
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
+tok = Bytes()
+hay = C.Haystack(tok, C.haystack_text(None, 6000))
+for task in ("passkey", "niah_single", "niah_multikey", "vt"):
+    for i in range(3):
+        ids, expected = ruler.make_sample(task, 1500, i, 0, hay, hay, tok, False, 1500)
+        print(task, i, hashlib.sha256(bytes(ids)).hexdigest()[:16], expected)
+"""
+
+
+def test_ruler_samples_do_not_depend_on_the_hash_seed():
+    """A sample is a function of (seed, task, length, index) only: two processes with different string
+    hash seeds (set iteration order) must build the same prompts, or reruns and resumes mix prompts."""
+    outs = []
+    for hash_seed in ("1", "2"):
+        r = subprocess.run([sys.executable, "-c", _SAMPLE_PROBE, str(BENCH)], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, PYTHONHASHSEED=hash_seed), cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(r.stdout)
+    assert outs[0].count("\n") == 12
+    assert outs[0] == outs[1]
+
+
 def test_longbench(tmp_path, capsys):
     data = shared_file("data", "longbench", "multi_news.jsonl")
     out = tmp_path / "lb.json"

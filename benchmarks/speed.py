@@ -181,9 +181,9 @@ def e2e(lengths, new_tokens: int, ratio: float, kvpress_python: Path | None = No
                 t0 = time.perf_counter()
                 logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
                 prefill = time.perf_counter() - t0
-                for h in hooks:
+                for h in hooks:  # decode is timed without them; the finally below covers an error
                     h.remove()
-                kv_after = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
+                kv_after = held()
                 decode_s = float("nan")
                 if decode:
                     tokn = logits.argmax(-1, keepdim=True)

@@ -3,7 +3,7 @@
 Core ops (NumPy arrays or torch tensors, zero-copy through DLPack):
     select, gather, compact_, compress, score
 transformers integration:
-    patch, unpatch
+    patch, unpatch, cache_kwarg
 """
 from .ops import (build_info, compact_, compress, gather, get_num_threads, methods, score, select,
                   set_num_threads)
@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # patch/unpatch need torch and transformers: import them only when asked for
-    if name in ("patch", "unpatch", "ChunkKVPatch"):
+    if name in ("patch", "unpatch", "ChunkKVPatch", "cache_kwarg"):
         from . import patching as _patch_module
 
         return getattr(_patch_module, name)
     raise AttributeError(f"module 'chunkkv' has no attribute {name!r}")
 
 __all__ = ["build_info", "compact_", "compress", "gather", "get_num_threads", "methods", "score", "select",
-           "set_num_threads", "patch", "unpatch", "__version__"]
+           "set_num_threads", "patch", "unpatch", "cache_kwarg", "__version__"]

@@ -39,7 +39,7 @@ def run(model, tokenizer, prompt: str, max_new_tokens: int):
     cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**ids, cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(**ids, **{chunkkv.cache_kwarg(model): cache}, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     elapsed = time.perf_counter() - t0
     text = tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)

@@ -26,14 +26,16 @@ class CompressedLayer(DynamicLayer):
     """A dynamic full-attention cache layer holding only the tokens ChunkKV kept.
 
     keys, values: [B, Hkv, n, D]; positions: absolute positions of the kept tokens, [B, n]
-    (shared selection) or [B, Hkv, n] (per-head selection); seen: tokens the model has seen.
+    (shared selection) or [B, Hkv, n] (per-head selection), -1 for a filler slot (a row that keeps
+    fewer tokens than the layer's width starts with filler slots, which attention must not see);
+    seen: tokens the model has seen.
     """
 
     is_sliding = False
-    is_croppable = False
+    is_croppable = True  # tokens appended after compression can be cropped (crop() refuses the rest)
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, seen: int,
-                 peers: Optional[list] = None) -> None:
+                 peers: Optional[list] = None, may_have_filler: bool = True) -> None:
         super().__init__()
         # the compressed layers of the same cache: the mask is sized for the widest of them
         self.peers = peers if peers is not None else [self]
@@ -43,6 +45,11 @@ class CompressedLayer(DynamicLayer):
         self._kept_positions = positions
         self._seen_at_compression = int(seen)
         self.seen = int(seen)
+        #: leading filler slots per row, [B] int64 on the CPU, or None when every slot holds a token
+        self.filler: Optional[torch.Tensor] = None
+        if may_have_filler:
+            count = ((positions if positions.ndim == 2 else positions[:, 0]) < 0).sum(-1).cpu()
+            self.filler = count if bool(count.any()) else None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append new tokens after the kept ones; returns all stored keys and values."""
@@ -80,18 +87,32 @@ class CompressedLayer(DynamicLayer):
         tail = tail.expand(*self._kept_positions.shape[:-1], appended)
         return torch.cat([self._kept_positions, tail], dim=-1)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "chunkkv: a compressed cache cannot be cropped (assisted/speculative decoding and other "
-            "rollbacks need the dropped tokens); unpatch the model for those generation modes")
+    def crop(self, max_length: int) -> None:
+        """Cut the cache back to `max_length` tokens seen (negative: remove that many): only tokens
+        appended after compression can go; a rollback into the compressed prompt is refused."""
+        if max_length < 0:
+            max_length = self.seen - abs(max_length)
+        if max_length >= self.seen:
+            return
+        if max_length < self._seen_at_compression:
+            raise ValueError(
+                f"chunkkv: cannot roll the compressed cache back to {max_length} tokens: its prompt was compressed "
+                f"at {self._seen_at_compression} tokens and the dropped tokens are gone (assisted or speculative "
+                "decoding rolls back); unpatch the model (chunkkv.unpatch) for those generation modes")
+        drop = self.seen - max_length
+        self.keys, self.values = self.keys[..., :-drop, :], self.values[..., :-drop, :]
+        self.seen = max_length
 
     def reset(self) -> None:
         super().reset()
         self.seen = self._seen_at_compression = 0
+        self.filler = None
 
     def _batch_apply(self, fn) -> None:
         self.keys, self.values = fn(self.keys), fn(self.values)
         self._kept_positions = fn(self._kept_positions)
+        if self.filler is not None:
+            self.filler = fn(self.filler)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))

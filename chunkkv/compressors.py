@@ -1,46 +1,138 @@
-"""The compression methods `chunkkv.patch` runs, one small entry each (chunkkv.methods() lists them).
+"""The registry of compression methods: the one place a method is defined.
 
-Every method selects in the C core (`chunkkv.select`, one core method per entry); what differs
-is which queries score, the defaults, and (PyramidKV) how the budget is spread over layers.
+A method declares its name, description, defaults, the options it takes and how it behaves:
+which queries score (the observation window, or every prompt query), how its budget is spread
+over layers, whether its layers can share one selection (layer-wise reuse), whether it keeps an
+exact budget. `chunkkv.patch` (and any other integration) only asks the registry; it never names
+a method.
+
+Methods that select in the C core set ``core`` (a `chunkkv.select` method). A new method can be
+prototyped in Python first: subclass :class:`Method`, override :meth:`Method.token_scores` to return
+per-KV-head token scores ``[B, Hkv, P]`` and leave ``core`` as None; the C core then picks the
+positions from those scores with the chunk rule (``chunkkv.select_from_scores``). Add it with
+:func:`register`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 
 @dataclass(frozen=True)
 class Method:
-    """A compression method as `chunkkv.patch` runs it."""
+    """A compression method as `chunkkv.patch` runs it (the defaults are ChunkKV's)."""
 
     name: str
-    core: str                      # the chunkkv.select method that picks the positions
     description: str
-    window: int = 32               # observation window (recent tokens kept, for h2o)
+    core: Optional[str] = None          # the chunkkv.select method that picks positions; None: token_scores()
+    window: int = 32                    # observation window (recent tokens kept, for h2o)
     chunk_size: int = 10
-    per_head: bool = False         # default selection granularity
-    all_queries: bool = False      # score with every prompt query (h2o), not just the window
-    pyramid: bool = False          # per-layer budgets shrinking with depth (PyramidKV)
-    select_args: dict = field(default_factory=dict)
-    budget_exact: bool = True      # every layer keeps exactly its budget
+    per_head: bool = False              # default selection granularity
+    all_queries: bool = False           # score with every prompt query of the forward (h2o)
+    pyramid: bool = False               # per-layer budgets shrinking with depth (PyramidKV)
+    budget_exact: bool = True           # every row keeps exactly its budget
+    takes_row_starts: bool = True       # can select inside left-padded rows
+    options: dict = field(default_factory=dict)   # method options (patch keyword arguments) and their defaults
+
+    #: option names every method takes
+    COMMON: ClassVar[tuple] = ()
+
+    @property
+    def reusable(self) -> bool:
+        """Whether consecutive layers may share one selection (reuse > 1)."""
+        return not self.pyramid
+
+    def query_count(self, new_tokens: int, window: int, budget: int) -> int:
+        """How many of the forward's last queries score the keys."""
+        return new_tokens if self.all_queries else min(window, budget)
+
+    def layer_budget(self, budget: int, window: int, prefix: int, rank: int, layers: int, options: dict) -> int:
+        """Budget of the full-attention layer of the given rank, given the row's budget."""
+        return budget
+
+    def select_args(self, options: dict, *, window: int, budget: int, length: int, head_dim: int,
+                    scale: float, keep_fraction: float) -> dict:
+        """Keyword arguments for chunkkv.select beyond queries, keys, budget and chunk_size."""
+        args = {k: v for k, v in {**self.options, **options}.items() if k != "beta"}
+        args["scale"] = scale
+        return args
+
+    def token_scores(self, queries: Any, keys: Any, *, scale: float, row_starts: Any) -> Any:
+        """Per-KV-head token scores [B, Hkv, P], P = L - w, for a method prototyped in Python."""
+        raise NotImplementedError(f"chunkkv: method {self.name!r} has no C core method and no token_scores()")
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("chunkkv", "chunkkv", "ChunkKV (the paper): whole chunks ranked by window attention; exact budget."),
-    Method("chunkkv-kvpress", "chunkkv-kvpress",
-           "kvpress's ChunkKVPress(SnapKVPress(), chunk_length=20): chunk means over all tokens, whole chunks "
-           "only, so it may keep fewer tokens than asked.",
-           window=64, chunk_size=20, select_args={"pool_kernel": 5}, budget_exact=False),
-    Method("snapkv", "snapkv", "SnapKV: per-KV-head top tokens of average-pooled window attention, plus the window.",
-           per_head=True, select_args={"pool_kernel": 5, "pool": "avg"}),
-    Method("pyramidkv", "snapkv", "PyramidKV: SnapKV scoring with per-layer budgets shrinking linearly with depth "
-           "(same total).", per_head=True, pyramid=True, select_args={"pool_kernel": 5, "pool": "avg"}),
-    Method("h2o", "h2o", "H2O: heavy hitters by the attention every prompt query pays each key, plus recent tokens.",
-           per_head=True, all_queries=True),
-    Method("streamingllm", "streamingllm", "StreamingLLM: the first n_sink tokens and the most recent ones.",
-           select_args={"n_sink": 4}),
-    Method("random", "random", "Random prefix tokens plus the window: a floor for comparisons."),
-]}
+@dataclass(frozen=True)
+class KVPressChunkKV(Method):
+    """kvpress's ChunkKVPress(SnapKVPress()): scores with 1/sqrt(head_dim) and counts whole chunks."""
+
+    def select_args(self, options: dict, *, window: int, budget: int, length: int, head_dim: int,
+                    scale: float, keep_fraction: float) -> dict:
+        args = super().select_args(options, window=window, budget=budget, length=length, head_dim=head_dim,
+                                   scale=scale, keep_fraction=keep_fraction)
+        args.update(keep_fraction=keep_fraction, scale=head_dim ** -0.5)
+        return args
+
+
+@dataclass(frozen=True)
+class PyramidKV(Method):
+    """SnapKV scoring with per-layer budgets falling linearly with depth (same total)."""
+
+    def layer_budget(self, budget: int, window: int, prefix: int, rank: int, layers: int, options: dict) -> int:
+        return pyramid_budgets(budget, window, prefix, layers, options.get("beta", 20.0))[rank]
+
+
+@dataclass(frozen=True)
+class H2O(Method):
+    """Heavy hitters: every prompt query scores; the `window` most recent tokens are kept."""
+
+    def select_args(self, options: dict, *, window: int, budget: int, length: int, head_dim: int,
+                    scale: float, keep_fraction: float) -> dict:
+        args = super().select_args(options, window=window, budget=budget, length=length, head_dim=head_dim,
+                                   scale=scale, keep_fraction=keep_fraction)
+        args["window"] = min(window, budget)
+        return args
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (its name must be new); returns it."""
+    if not isinstance(method, Method):
+        raise TypeError(f"chunkkv.compressors.register: expected a Method, got {type(method).__name__}")
+    if method.name in METHODS:
+        raise ValueError(f"chunkkv.compressors.register: a method named {method.name!r} exists already")
+    METHODS[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    """Remove a method added with :func:`register` (for tests and prototypes)."""
+    METHODS.pop(name, None)
+
+
+for _m in [
+    Method("chunkkv", "ChunkKV (the paper): whole chunks ranked by window attention; exact budget.", core="chunkkv"),
+    KVPressChunkKV("chunkkv-kvpress",
+                   "kvpress's ChunkKVPress(SnapKVPress(), chunk_length=20): chunk means over all tokens, whole "
+                   "chunks only, so it may keep fewer tokens than asked.", core="chunkkv-kvpress",
+                   window=64, chunk_size=20, budget_exact=False, takes_row_starts=False,
+                   options={"pool_kernel": 5}),
+    Method("snapkv", "SnapKV: per-KV-head top tokens of average-pooled window attention, plus the window.",
+           core="snapkv", per_head=True, options={"pool_kernel": 5, "pool": "avg"}),
+    PyramidKV("pyramidkv", "PyramidKV: SnapKV scoring with per-layer budgets shrinking linearly with depth "
+              "(same total).", core="snapkv", per_head=True, pyramid=True,
+              options={"pool_kernel": 5, "pool": "avg", "beta": 20.0}),
+    H2O("h2o", "H2O: heavy hitters by the attention every prompt query pays each key, plus recent tokens.",
+        core="h2o", per_head=True, all_queries=True),
+    Method("streamingllm", "StreamingLLM: the first n_sink tokens and the most recent ones.", core="streamingllm",
+           options={"n_sink": 4}),
+    Method("random", "Random prefix tokens plus the window: a floor for comparisons.", core="random",
+           options={"seed": 0}),
+]:
+    register(_m)
 
 
 def methods() -> dict[str, str]:
@@ -49,7 +141,8 @@ def methods() -> dict[str, str]:
 
 
 def get(name: Any) -> Method:
-    if name not in METHODS:
+    """The registered method called `name` (ValueError naming the choices otherwise)."""
+    if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {name!r}")
     return METHODS[name]
 
@@ -73,9 +166,9 @@ def pyramid_budgets(budget: int, window: int, prefix: int, layers: int, beta: fl
     return [window + int(round(high - i * step)) for i in range(layers)]
 
 
-def layer_budget(method: Method, budget: int, window: int, prefix: int, rank: int, layers: int,
-                 beta: Optional[float] = None) -> int:
-    """Budget of the full-attention layer of the given rank."""
-    if not method.pyramid:
+def kept_budget(budget: Optional[int], keep_ratio: Optional[float], window: int, seen: int) -> int:
+    """Tokens a row keeps (window included) after a prefill, given the tokens it has seen:
+    `budget`, or ceil(keep_ratio * seen), never below the window (nor above what was seen)."""
+    if budget is not None:
         return budget
-    return pyramid_budgets(budget, window, prefix, layers, beta or 20.0)[rank]
+    return max(int(math.ceil(keep_ratio * seen)), min(window, seen))

@@ -2,29 +2,36 @@
 
 How it hooks in (no copy of transformers' forward code):
 
-* a forward pre-hook on the decoder (``model.base_model``) checks the cache kind and records
-  the 2-D attention mask of this forward (left padding);
-* a forward hook on each full-attention module runs after that layer's prefill attention:
-  a *leader* layer recomputes the queries of the last ``window`` prompt tokens with the
-  module's own projection, q-norm, RoPE and scaling and asks the C core which positions to keep;
-  the next ``reuse - 1`` *follower* layers reuse those indices and only gather;
-* the layer's cache entry is replaced by a :class:`chunkkv.cache.CompressedLayer` holding the
-  kept tokens (it reports the number of tokens seen, so positions and masks stay right).
+* a forward pre-hook on the decoder (``model.base_model``) checks the cache kind and opens a
+  :class:`ForwardState` for this forward (its 2-D attention mask, its padding, the reuse groups'
+  indices); a forward hook closes it when the forward ends, even by an exception. States live in a
+  per-thread stack, so any number of threads can run one patched model at once;
+* a forward hook on each full-attention module runs after that layer's prefill attention: a
+  *leader* layer recomputes the queries of the last ``window`` prompt tokens with the module's own
+  projection, q-norm, RoPE and scaling and asks the C core which positions to keep; the next
+  ``reuse - 1`` *follower* layers reuse those indices and only gather;
+* :func:`compress_layer` turns the layer's cache entry into a :class:`chunkkv.cache.CompressedLayer`
+  holding the kept tokens (it reports the number of tokens seen, so positions and masks stay right);
+* a forward pre-hook on each full-attention module fits the shared attention mask to the layer
+  (layers may hold different numbers of tokens) and masks slots that hold no token.
 
-Decoding then appends after the kept tokens. ``unpatch`` removes the hooks; the model's
-weights and modules are never modified.
+Decoding then appends after the kept tokens. ``unpatch`` removes the hooks; the model's weights
+and modules are never modified. Which method runs and how it behaves comes from the registry in
+:mod:`chunkkv.compressors`.
 """
 from __future__ import annotations
 
-import math
+import difflib
+import inspect
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import compressors as _methods
+from . import compressors as _registry
 from . import ops
 from .cache import CompressedLayer, layer_positions
 
@@ -32,12 +39,14 @@ _ATTR = "_chunkkv_patch"
 _UNSET = object()  # not computed yet in this forward
 
 #: methods patch() accepts (see chunkkv.methods())
-PATCH_METHODS = tuple(_methods.METHODS)
+PATCH_METHODS = tuple(_registry.METHODS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchConfig:
-    """What a patch does; see :func:`patch` for the meaning of each field."""
+    """What a patch does (see :func:`patch` for each field); checks itself when it is made.
+
+    `PatchConfig.create(...)` fills a method's defaults and rejects unknown options."""
 
     budget: Optional[int] = None
     keep_ratio: Optional[float] = None
@@ -48,24 +57,127 @@ class PatchConfig:
     method: str = "chunkkv"
     method_args: dict = field(default_factory=dict)
 
-    def budget_for(self, length: int) -> int:
-        """Tokens kept per layer on average for a cache of `length` tokens (window included)."""
+    def __post_init__(self) -> None:
+        spec = _registry.get(self.method)
+        if (self.budget is None) == (self.keep_ratio is None):
+            raise ValueError("chunkkv.patch: give exactly one of budget (tokens) or keep_ratio (fraction)")
+        ops._int_arg(self.window, "window", 1)
+        ops._int_arg(self.chunk_size, "chunk_size", 1)
+        ops._int_arg(self.reuse, "reuse", 1)
         if self.budget is not None:
-            return self.budget
-        return max(int(math.ceil(self.keep_ratio * length)), min(self.window, length))
+            ops._int_arg(self.budget, "budget", 1)
+            if self.budget < self.window and spec.budget_exact:
+                raise ValueError(f"budget: expected >= window ({self.window}), got {self.budget}: the window is "
+                                 "always kept")
+        else:
+            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+                raise TypeError(f"keep_ratio: expected a float, got {type(self.keep_ratio).__name__}")
+            if not 0.0 < float(self.keep_ratio) <= 1.0:
+                raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {self.keep_ratio}")
+        if not isinstance(self.per_head, bool):
+            raise TypeError(f"per_head: expected a bool, got {type(self.per_head).__name__}")
+        if not spec.reusable and self.reuse > 1:
+            raise ValueError(f"reuse: {spec.name} gives every layer its own budget, so layers cannot share "
+                             "indices; use reuse=1")
+        if spec.core == "chunkkv-kvpress" and self.per_head:
+            raise ValueError("per_head: chunkkv-kvpress selects one set of chunks per row, as kvpress does")
+        unknown = sorted(set(self.method_args) - set(spec.options))
+        if unknown:
+            known = ["budget", "keep_ratio", "chunk_size", "window", "reuse", "per_head", "method", *spec.options]
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"chunkkv.patch: unexpected argument {unknown[0]!r}{hint}; method {spec.name!r} takes "
+                            f"{', '.join(repr(k) for k in known)}")
 
-    def keep_fraction(self, length: int) -> float:
-        """The kept fraction, for chunkkv-kvpress (which counts whole chunks)."""
-        return self.keep_ratio if self.keep_ratio is not None else min(1.0, self.budget / max(length, 1))
+    @classmethod
+    def create(cls, budget: Optional[int] = None, keep_ratio: Optional[float] = None,
+               chunk_size: Optional[int] = None, window: Optional[int] = None, reuse: int = 1,
+               per_head: Optional[bool] = None, method: str = "chunkkv", **method_args: Any) -> "PatchConfig":
+        """A checked config with the method's defaults for the options not given."""
+        spec = _registry.get(method)
+        keep_ratio = float(keep_ratio) if isinstance(keep_ratio, int) and not isinstance(keep_ratio, bool) \
+            else keep_ratio
+        return cls(budget=budget, keep_ratio=keep_ratio,
+                   chunk_size=spec.chunk_size if chunk_size is None else chunk_size,
+                   window=spec.window if window is None else window, reuse=reuse,
+                   per_head=spec.per_head if per_head is None else per_head, method=method,
+                   method_args=dict(method_args))
+
+    @property
+    def spec(self) -> _registry.Method:
+        """The registry entry of this config's method."""
+        return _registry.get(self.method)
+
+    def row_budget(self, seen: int, window: int) -> int:
+        """Tokens a row keeps after a prefill (window included), given the tokens it has seen."""
+        return _registry.kept_budget(self.budget, self.keep_ratio, window, seen)
+
+    def keep_fraction(self, seen: int) -> float:
+        """The kept fraction, for methods that count whole chunks (chunkkv-kvpress)."""
+        return self.keep_ratio if self.keep_ratio is not None else min(1.0, self.budget / max(seen, 1))
 
 
 @dataclass
 class PatchStats:
-    """Counters of what the patch did (handy for tests and logs)."""
+    """Counters of what the patch did (handy for tests and logs); updated under a lock."""
 
     prefills: int = 0      # forwards in which at least one layer was compressed
     selections: int = 0    # C-core select calls (leader layers)
     gathers: int = 0       # C-core gather calls (every compressed layer)
+
+
+@dataclass
+class Selection:
+    """A reuse group's choice: stored slots to keep per row, right-aligned.
+
+    indices: [B, n] or [B, Hkv, n] int64 slots of the layer; a row that keeps fewer than n tokens
+    (its own budget is smaller) starts with `dead[r]` filler slots, which hold no token and are masked.
+    """
+
+    indices: torch.Tensor
+    dead: Optional[list[int]] = None
+    length: int = 0  # stored slots of the leader when it chose
+
+
+class ForwardState:
+    """What one decoder forward knows: made when it starts, dropped when it ends."""
+
+    def __init__(self, mask2d: Optional[torch.Tensor]) -> None:
+        self.mask2d = mask2d
+        self.groups: dict[int, Optional[Selection]] = {}  # reuse group -> the leader's choice (None: kept all)
+        self._pad_counts: Any = _UNSET
+
+    def pad_counts(self) -> Optional[list[int]]:
+        """Leading padding tokens per row of this forward's 2-D mask (None without padding); checked
+        and computed once per forward, at the first layer that compresses."""
+        if self._pad_counts is _UNSET:
+            mask = self.mask2d
+            if mask is None or bool(mask.all()):
+                self._pad_counts = None
+            else:
+                m = mask.to(torch.bool)
+                zeros_so_far = (~m).to(torch.int64).cumsum(-1)
+                # left padding only: the j-th column is padding only if all columns before it are too
+                if not bool(((zeros_so_far == torch.arange(1, m.shape[1] + 1, device=m.device)) | m).all()):
+                    raise ValueError("chunkkv: attention_mask must be left-padded (zeros only before a row's first "
+                                     "token); use tokenizer.padding_side = 'left'")
+                self._pad_counts = zeros_so_far[:, -1].tolist()
+        return self._pad_counts
+
+
+class Hooks:
+    """Installs and removes a set of torch hooks; nothing else."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def add(self, handle: Any) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
 
 class ChunkKVPatch:
@@ -75,32 +187,30 @@ class ChunkKVPatch:
         self.model = model
         self.config = config
         self.stats = PatchStats()
-        self._hooks: list[Any] = []
-        self._mask2d: Optional[torch.Tensor] = None  # this forward's 2-D attention mask
-        self._pad_counts: Any = _UNSET  # its leading padding per row, once a layer needs it
-        self._group_indices: dict[int, torch.Tensor] = {}  # reuse group -> leader's indices
+        self._stats_lock = threading.Lock()
+        self._hooks = Hooks()
+        self._local = threading.local()  # .forwards: this thread's stack of ForwardState
         self._attention_modules = _find_attention_modules(model)
         self._full_layers = [i for i, m in self._attention_modules if not _is_sliding_module(m)]
         if not self._full_layers:
             raise ValueError("chunkkv.patch: the model has no full-attention layer to compress")
         self._rank = {layer: r for r, layer in enumerate(self._full_layers)}
-        self._method = _methods.get(config.method)
 
     # -- installation -------------------------------------------------------------------------
     def _install(self) -> None:
         decoder = _decoder_of(self.model)
-        self._hooks.append(decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
+        self._hooks.add(self.model.register_forward_pre_hook(self._refuse_compiled_forward))
+        self._hooks.add(decoder.register_forward_pre_hook(self._open_forward, with_kwargs=True))
+        self._hooks.add(decoder.register_forward_hook(self._close_forward, always_call=True))
         for layer_idx, module in self._attention_modules:
             if layer_idx in self._rank:
-                self._hooks.append(module.register_forward_pre_hook(self._make_mask_hook(layer_idx), with_kwargs=True))
-                self._hooks.append(module.register_forward_hook(self._make_layer_hook(layer_idx), with_kwargs=True))
+                self._hooks.add(module.register_forward_pre_hook(self._make_mask_hook(layer_idx), with_kwargs=True))
+                self._hooks.add(module.register_forward_hook(self._make_layer_hook(layer_idx), with_kwargs=True))
         setattr(self.model, _ATTR, self)
 
     def remove(self) -> None:
         """Remove every hook: the model behaves exactly as before `patch`."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._hooks.remove()
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
 
@@ -110,11 +220,29 @@ class ChunkKVPatch:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for name, d in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + d)
+
+    # -- per-forward state --------------------------------------------------------------------
+    def _stack(self) -> list[ForwardState]:
+        stack = getattr(self._local, "forwards", None)
+        if stack is None:
+            stack = self._local.forwards = []
+        return stack
+
+    def _current(self) -> Optional[ForwardState]:
+        stack = self._stack()
+        return stack[-1] if stack else None
+
     # -- hooks --------------------------------------------------------------------------------
-    def _before_decoder(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.compiler.is_compiling():
-            raise RuntimeError("chunkkv: torch.compile'd forwards are not supported (compression changes cache "
-                               "shapes at prefill); compile the model without chunkkv.patch")
+    def _refuse_compiled_forward(self, module: torch.nn.Module, args: tuple) -> None:
+        # runs eagerly before `model.forward`; a forward replaced by torch.compile(...) is seen here
+        _refuse_compile(_is_compiled(module.forward) or _is_compiled(_decoder_of(module).forward))
+
+    def _open_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        _refuse_compile(torch.compiler.is_compiling())
         cache = _cache_from(kwargs)
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"chunkkv: expected a transformers Cache, got {type(cache).__name__} (legacy tuple caches "
@@ -126,31 +254,17 @@ class ChunkKVPatch:
                                     "compression needs a DynamicCache (StaticCache and quantized or offloaded caches "
                                     "have fixed-size layers). Use the default cache.")
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        self._mask2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        self._pad_counts = _UNSET
-        self._group_indices.clear()
+        self._stack().append(ForwardState(mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None))
+
+    def _close_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        stack = self._stack()
+        if stack:
+            stack.pop()
 
     def _make_mask_hook(self, layer_idx: int) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
-            return self._fit_mask(layer_idx, args, kwargs)
+            return fit_layer_mask(layer_idx, args, kwargs)
         return hook
-
-    def _fit_mask(self, layer_idx: int, args: tuple, kwargs: dict) -> Optional[tuple]:
-        """Layers may hold fewer tokens than the widest one (PyramidKV, kvpress's chunk rounding): the
-        shared 4-D mask is sized for the widest and aligned at the end, so keep its last columns."""
-        mask, cache = kwargs.get("attention_mask"), _cache_from(kwargs)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or cache is None or hidden is None:
-            return None
-        if layer_idx >= len(cache.layers):
-            return None
-        layer = cache.layers[layer_idx]
-        stored = layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.ndim == 4 else 0
-        need = stored + hidden.shape[1]
-        if mask.shape[-1] <= need:
-            return None
-        kwargs["attention_mask"] = mask[..., -need:]
-        return args, kwargs
 
     def _make_layer_hook(self, layer_idx: int) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -158,92 +272,181 @@ class ChunkKVPatch:
         return hook
 
     def _after_attention(self, layer_idx: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        state = self._current()
         cache = _cache_from(kwargs)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if cache is None or hidden is None or hidden.shape[1] < 2 or layer_idx >= len(cache.layers):
-            return  # no cache, or a decoding step: nothing to compress
+        if state is None or cache is None or hidden is None or hidden.shape[1] < 2 or layer_idx >= len(cache.layers):
+            return  # outside a decoder forward, no cache, or a decoding step: nothing to compress
         layer = cache.layers[layer_idx]
         if getattr(layer, "is_sliding", False) or not isinstance(layer, DynamicLayer) or layer.keys is None:
             return
-        keys, values = layer.keys, layer.values
-        L = keys.shape[-2]
-        cfg, method = self.config, self._method
         rank = self._rank[layer_idx]
-        window = min(cfg.window, hidden.shape[1])
-        budget = _methods.layer_budget(method, cfg.budget_for(L), window, L - window, rank, len(self._full_layers),
-                                       cfg.method_args.get("beta"))
-        if method.budget_exact and L <= budget:
-            return
-        if not method.budget_exact and cfg.keep_fraction(L) >= 1.0:
-            return
-        positions = layer_positions(layer)
-        starts = self._row_starts(positions)
-        group, member = divmod(rank, cfg.reuse)
+        group, member = divmod(rank, self.config.reuse)
         with torch.no_grad():
-            if member == 0 or group not in self._group_indices:
-                self._group_indices[group] = self._select(module, hidden, kwargs, keys, budget, window, starts)
-                self.stats.selections += 1
-                if rank == 0:
-                    self.stats.prefills += 1
-            indices = self._group_indices[group]
-            kept_k, kept_v = ops.gather(keys, values, indices)
-            self.stats.gathers += 1
-            if indices.ndim == 3 and positions.ndim == 2:
-                positions = positions.unsqueeze(1).expand(-1, indices.shape[1], -1)
-            elif indices.ndim == 2 and positions.ndim == 3:
-                positions = positions[:, 0]
-            kept_positions = torch.take_along_dim(positions, indices.to(positions.device), dim=-1)
-        peers = getattr(cache, "_chunkkv_peers", None)
-        if peers is None:
-            peers = []
-            cache._chunkkv_peers = peers
-        new_layer = CompressedLayer(kept_k, kept_v, kept_positions, layer.get_seq_length(), peers=peers)
-        peers[:] = [p for p in peers if p is not layer]
-        peers.append(new_layer)
-        cache.layers[layer_idx] = new_layer
+            if member == 0 or group not in state.groups:
+                state.groups[group] = self._choose(state, rank, module, hidden, kwargs, layer)
+                if state.groups[group] is not None:
+                    self._count(selections=1, prefills=int(rank == 0))
+            selection = state.groups[group]
+            if selection is None:
+                return
+            if selection.length != layer.keys.shape[-2]:
+                raise RuntimeError(f"chunkkv: layer {layer_idx} holds {layer.keys.shape[-2]} tokens but its reuse "
+                                   f"leader chose among {selection.length}")
+            cache.layers[layer_idx] = compress_layer(layer, selection, _compressed_peers(cache, layer))
+            self._count(gathers=1)
 
-    def _select(self, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, keys: torch.Tensor, budget: int,
-                window: int, starts: Optional[list[int]]) -> torch.Tensor:
-        """The leader's positions, from the C core."""
-        cfg, method = self.config, self._method
-        n_queries = hidden.shape[1] if method.all_queries else min(window, budget)
-        queries = window_queries(module, hidden, kwargs, n_queries)
-        args = {**method.select_args, **{k: v for k, v in cfg.method_args.items() if k != "beta"}}
-        if method.core == "h2o":
-            args["window"] = min(window, budget)
-        if method.core == "chunkkv-kvpress":
-            args["keep_fraction"] = cfg.keep_fraction(keys.shape[-2])
-            args["scale"] = keys.shape[-1] ** -0.5  # kvpress scores with 1/sqrt(head_dim)
-        else:
-            args["scale"] = float(getattr(module, "scaling", queries.shape[-1] ** -0.5))
-            args["row_starts"] = starts
-            args["per_head"] = cfg.per_head
-        return ops.select(queries, keys, budget=budget, chunk_size=cfg.chunk_size, method=method.core, **args)
-
-    def _padding_counts(self) -> Optional[torch.Tensor]:
-        """Leading padding tokens per row of this forward's 2-D mask (None without padding); checked and
-        computed once per forward, at the first layer that compresses."""
-        if self._pad_counts is _UNSET:
-            mask = self._mask2d
-            if mask is None or bool(mask.all()):
-                self._pad_counts = None
-            else:
-                m = mask.to(torch.bool)
-                zeros_so_far = (~m).to(torch.int64).cumsum(-1)
-                # left padding only: the j-th column is padding only if all columns before it are too
-                if not bool(((zeros_so_far == torch.arange(1, m.shape[1] + 1, device=m.device)) | m).all()):
-                    raise ValueError("chunkkv: attention_mask must be left-padded (zeros only before a row's first "
-                                     "token); use tokenizer.padding_side = 'left'")
-                self._pad_counts = zeros_so_far[:, -1]
-        return self._pad_counts
-
-    def _row_starts(self, positions: torch.Tensor) -> Optional[list[int]]:
-        """Per row, how many stored slots are left padding (they lead, as positions are sorted)."""
-        n_pad = self._padding_counts()
-        if n_pad is None:
+    def _choose(self, state: ForwardState, rank: int, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict,
+                layer: DynamicLayer) -> Optional[Selection]:
+        """The leader's selection for its reuse group, or None when every row keeps all it holds."""
+        cfg, spec = self.config, self.config.spec
+        keys = layer.keys
+        B, L = keys.shape[0], keys.shape[-2]
+        seen = layer.get_seq_length()
+        window = min(cfg.window, hidden.shape[1])
+        pads = state.pad_counts()
+        positions = layer_positions(layer)
+        starts = _row_starts(positions, pads)
+        if starts is not None and not spec.takes_row_starts:
+            raise ValueError(f"chunkkv: method {spec.name!r} cannot select inside left-padded rows; use batch size 1 "
+                             "or method='chunkkv'")
+        firsts = starts or [0] * B
+        seen_rows = [seen - (pads[r] if pads else 0) for r in range(B)]
+        budgets = [spec.layer_budget(cfg.row_budget(seen_rows[r], window), window, L - firsts[r] - window, rank,
+                                     len(self._full_layers), cfg.method_args) for r in range(B)]
+        if spec.budget_exact:
+            if all(budgets[r] >= L - firsts[r] for r in range(B)):
+                return None  # no row drops a token
+        elif cfg.keep_fraction(seen) >= 1.0:
             return None
-        pos = positions if positions.ndim == 2 else positions[:, 0]
-        return (pos < n_pad.to(pos.device).unsqueeze(-1)).sum(-1).tolist()
+        n_queries = spec.query_count(hidden.shape[1], window, max(budgets))
+        queries = window_queries(module, hidden, kwargs, n_queries)
+        scale = float(getattr(module, "scaling", queries.shape[-1] ** -0.5))
+
+        def select(q: torch.Tensor, k: torch.Tensor, budget: int, row_starts: Optional[list[int]]) -> torch.Tensor:
+            args = spec.select_args(cfg.method_args, window=window, budget=budget, length=L,
+                                    head_dim=k.shape[-1], scale=scale, keep_fraction=cfg.keep_fraction(seen))
+            if spec.takes_row_starts:
+                args.update(row_starts=row_starts, per_head=cfg.per_head)
+            budget = max(budget, window) if spec.budget_exact else budget
+            if spec.core is None:
+                scores = spec.token_scores(q, k, scale=scale, row_starts=row_starts)
+                return ops.select_from_scores(scores, length=L, budget=budget, chunk_size=cfg.chunk_size,
+                                              row_starts=row_starts, per_head=cfg.per_head)
+            return ops.select(q, k, budget=budget, chunk_size=cfg.chunk_size, method=spec.core, **args)
+
+        if len(set(budgets)) == 1:
+            return Selection(select(queries, keys, budgets[0], starts), None, L)
+        # rows keep different numbers of tokens (keep_ratio in a padded batch): one call per row
+        # on views of that row, right-aligned in a common width; the leading gap is filler
+        rows = [select(queries[r:r + 1], keys[r:r + 1], budgets[r], [firsts[r]]) for r in range(B)]
+        width = max(int(x.shape[-1]) for x in rows)
+        dead = [width - int(x.shape[-1]) for x in rows]
+        indices = torch.cat([torch.cat([x[..., :1].expand(*x.shape[:-1], d), x], dim=-1)
+                             for x, d in zip(rows, dead)], dim=0)
+        return Selection(indices, dead if any(dead) else None, L)
+
+
+def _row_starts(positions: Optional[torch.Tensor], pads: Optional[list[int]]) -> Optional[list[int]]:
+    """Per row, how many stored slots hold no token of the row: left padding and filler slots (they lead,
+    as stored positions are sorted and filler slots have position -1). None when there are none."""
+    if positions is None:
+        return None
+    pos = positions if positions.ndim == 2 else positions[:, 0]
+    if pads is None:
+        if not isinstance(positions, torch.Tensor) or not bool((pos[:, 0] < 0).any()):
+            return None
+        pads = [0] * pos.shape[0]
+    bound = torch.tensor(pads, device=pos.device).unsqueeze(-1)
+    return (pos < bound).sum(-1).tolist()
+
+
+def _compressed_peers(cache: Cache, replaced: DynamicLayer) -> list:
+    """The list the compressed layers of this cache share (the mask is sized for the widest of them),
+    without the layer being replaced."""
+    peers = next((la.peers for la in cache.layers if isinstance(la, CompressedLayer)), [])
+    peers[:] = [p for p in peers if p is not replaced]
+    return peers
+
+
+def compress_layer(layer: DynamicLayer, selection: Selection, peers: Optional[list] = None) -> CompressedLayer:
+    """The cache layer holding only the slots `selection` keeps (filler slots get position -1)."""
+    indices = selection.indices
+    kept_k, kept_v = ops.gather(layer.keys, layer.values, indices)
+    positions = layer_positions(layer)
+    if indices.ndim == 3 and positions.ndim == 2:
+        positions = positions.unsqueeze(1).expand(-1, indices.shape[1], -1)
+    elif indices.ndim == 2 and positions.ndim == 3:
+        positions = positions[:, 0]
+    kept = torch.take_along_dim(positions, indices.to(positions.device), dim=-1)
+    if selection.dead is not None:
+        slot = torch.arange(kept.shape[-1], device=kept.device)
+        filler = slot < torch.tensor(selection.dead, device=kept.device).view(-1, *([1] * (kept.ndim - 1)))
+        kept = kept.masked_fill(filler, -1)
+    may_have_filler = selection.dead is not None or getattr(layer, "filler", None) is not None
+    new_layer = CompressedLayer(kept_k, kept_v, kept, layer.get_seq_length(),
+                                peers=peers if peers is not None else [], may_have_filler=may_have_filler)
+    new_layer.peers.append(new_layer)
+    return new_layer
+
+
+def fit_layer_mask(layer_idx: int, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """Fit the shared 4-D mask to one layer before its attention.
+
+    Layers may hold fewer tokens than the widest one (PyramidKV, kvpress's chunk rounding): the mask
+    is sized for the widest and aligned at the end, so the layer keeps its last columns. Filler slots
+    (a row that keeps fewer tokens than the layer's width) are masked here."""
+    mask, cache = kwargs.get("attention_mask"), _cache_from(kwargs)
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if cache is None or hidden is None or layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    stored = layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.ndim == 4 else 0
+    q = hidden.shape[1]
+    need = stored + q
+    dead = getattr(layer, "filler", None) if isinstance(layer, CompressedLayer) else None
+    if dead is None:
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[-1] <= need:
+            return None
+        kwargs["attention_mask"] = mask[..., -need:]
+        return args, kwargs
+    B = hidden.shape[0]
+    if mask is None:  # sdpa's causal fast path: an additive causal mask over stored + new slots
+        col = torch.arange(need, device=hidden.device)
+        row = torch.arange(q, device=hidden.device).unsqueeze(-1)
+        blocked = (col > stored + row).expand(B, 1, q, need)
+        mask = torch.zeros(blocked.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)
+    elif not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        raise TypeError(f"chunkkv: cannot mask filler slots in an attention mask of type {type(mask).__name__}; "
+                        "use attn_implementation='sdpa' or 'eager'")
+    mask = mask[..., -need:] if mask.shape[-1] > need else mask
+    mask = mask.expand(B, *mask.shape[1:]).clone()
+    filler = torch.arange(need, device=mask.device) < dead.to(mask.device).view(-1, 1, 1, 1)
+    if mask.dtype == torch.bool:
+        mask = mask & ~filler
+    else:
+        mask = mask.masked_fill(filler, torch.finfo(mask.dtype).min)
+    kwargs["attention_mask"] = mask
+    return args, kwargs
+
+
+# -- torch.compile ---------------------------------------------------------------------------------
+_COMPILE_MESSAGE = ("chunkkv: torch.compile is not supported with chunkkv.patch (compression changes the cache's "
+                    "shapes at every prefill); run the patched model uncompiled, or compile it without chunkkv.patch")
+
+
+@torch.compiler.disable
+def _refuse_compile(compiling: bool) -> None:
+    # disabled for Dynamo: while tracing, `compiling` is the constant True and this call runs eagerly
+    # (a graph break), so the error reaches the caller as it is rather than inside Dynamo's own
+    if compiling:
+        raise RuntimeError(_COMPILE_MESSAGE)
+
+
+def _is_compiled(fn: Any) -> bool:
+    return getattr(fn, "_torchdynamo_orig_callable", None) is not None or \
+        type(fn).__name__ == "OptimizedModule"
 
 
 # -- model introspection -------------------------------------------------------------------------
@@ -317,9 +520,11 @@ def patch(model: torch.nn.Module, budget: Optional[int] = None, keep_ratio: Opti
 
     Args:
         model: a transformers causal LM (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3, ...).
-        budget: tokens kept per layer, window included (>= window). Exactly one of budget and
-            keep_ratio is given.
-        keep_ratio: fraction of the prompt kept per layer, window included, in (0, 1].
+        budget: tokens kept per layer and row after each prefill, window included (>= window).
+            Exactly one of budget and keep_ratio is given.
+        keep_ratio: fraction kept, window included, in (0, 1]: after each prefill a row holds
+            ceil(keep_ratio * tokens it has seen) per layer (at least the window). In a left-padded
+            batch each row counts its own tokens; in a multi-turn chat, the tokens of all turns.
         chunk_size: tokens per chunk (default 10; 20 for chunkkv-kvpress).
         window: observation window: the last `window` prompt tokens score the rest and are kept
             (default 32; 64 for chunkkv-kvpress; the recent tokens for h2o).
@@ -329,45 +534,29 @@ def patch(model: torch.nn.Module, budget: Optional[int] = None, keep_ratio: Opti
             True for snapkv, pyramidkv and h2o, as in their papers).
         method: one of chunkkv.methods() (chunkkv, chunkkv-kvpress, snapkv, pyramidkv, h2o,
             streamingllm, random).
-        **method_args: passed to chunkkv.select (pool_kernel, pool, n_sink, seed); beta for pyramidkv.
+        **method_args: the method's options (pool_kernel, pool, n_sink, seed; beta for pyramidkv);
+            anything else is a TypeError naming it.
 
     Returns a handle; `handle.remove()`, `chunkkv.unpatch(model)` or leaving `with chunkkv.patch(...)`
     restores the model. Prefill forwards then replace each full-attention layer's cache with its
-    kept tokens; decoding appends after them. Sliding-window layers are left as they are.
+    kept tokens; decoding appends after them. Sliding-window layers are left as they are. One
+    patched model may be used from several threads at once.
     """
-    spec = _methods.get(method)
-    if (budget is None) == (keep_ratio is None):
-        raise ValueError("chunkkv.patch: give exactly one of budget (tokens) or keep_ratio (fraction)")
-    window = ops._int_arg(spec.window if window is None else window, "window", 1)
-    chunk_size = ops._int_arg(spec.chunk_size if chunk_size is None else chunk_size, "chunk_size", 1)
-    reuse = ops._int_arg(reuse, "reuse", 1)
-    if budget is not None:
-        budget = ops._int_arg(budget, "budget", 1)
-        if budget < window and spec.budget_exact:
-            raise ValueError(f"budget: expected >= window ({window}), got {budget}: the window is always kept")
-    else:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
-            raise TypeError(f"keep_ratio: expected a float, got {type(keep_ratio).__name__}")
-        if not 0.0 < float(keep_ratio) <= 1.0:
-            raise ValueError(f"keep_ratio: expected a fraction in (0, 1], got {keep_ratio}")
-        keep_ratio = float(keep_ratio)
-    if per_head is None:
-        per_head = spec.per_head
-    if not isinstance(per_head, bool):
-        raise TypeError(f"per_head: expected a bool, got {type(per_head).__name__}")
-    if spec.pyramid and reuse > 1:
-        raise ValueError("reuse: pyramidkv gives every layer its own budget, so layers cannot share indices; use reuse=1")
-    if spec.core == "chunkkv-kvpress" and per_head:
-        raise ValueError("per_head: chunkkv-kvpress selects one set of chunks per row, as kvpress does")
+    config = PatchConfig.create(budget=budget, keep_ratio=keep_ratio, chunk_size=chunk_size, window=window,
+                                reuse=reuse, per_head=per_head, method=method, **method_args)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _ATTR, None) is not None:
         raise ValueError("chunkkv.patch: the model is already patched; call chunkkv.unpatch(model) first")
-    config = PatchConfig(budget=budget, keep_ratio=keep_ratio, chunk_size=chunk_size, window=window, reuse=reuse,
-                         per_head=per_head, method=method, method_args=dict(method_args))
     handle = ChunkKVPatch(model, config)
     handle._install()
     return handle
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword under which `model(...)` and `model.generate(...)` take a cache: "cache" in the
+    transformers releases that renamed it, "past_key_values" before (which those ignore silently)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def unpatch(model: torch.nn.Module) -> None:

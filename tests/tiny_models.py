@@ -1,6 +1,8 @@
 """Randomly initialised small causal LMs of each supported family (shape paths only)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import transformers
 
@@ -34,8 +36,9 @@ def tiny_model(family: str = "llama", attn: str = "eager", seed: int = 0, **over
     return model
 
 
-#: the keyword models and generate() take the cache under: "cache" in transformers 5, "past_key_values" in 4.x
-CACHE_KW = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+#: the keyword models and generate() take the cache under ("cache" in newer transformers 5 releases)
+CACHE_KW = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters \
+    else "past_key_values"
 
 
 def with_cache(cache) -> dict:

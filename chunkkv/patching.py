@@ -329,10 +329,11 @@ class ChunkKVPatch:
             if spec.takes_row_starts:
                 args.update(row_starts=row_starts, per_head=cfg.per_head)
             budget = max(budget, window) if spec.budget_exact else budget
-            if spec.core is None:
-                scores = spec.token_scores(q, k, scale=scale, row_starts=row_starts)
+            if spec.core is None:  # a method prototyped in Python: its scores, the C core's chunk pick
+                scores = spec.token_scores(q, k, scale=scale, row_starts=row_starts).to(torch.float32)
+                scores = scores if cfg.per_head else scores.sum(1)
                 return ops.select_from_scores(scores, length=L, budget=budget, chunk_size=cfg.chunk_size,
-                                              row_starts=row_starts, per_head=cfg.per_head)
+                                              method="chunkkv", row_starts=row_starts)
             return ops.select(q, k, budget=budget, chunk_size=cfg.chunk_size, method=spec.core, **args)
 
         if len(set(budgets)) == 1:
@@ -372,6 +373,8 @@ def _compressed_peers(cache: Cache, replaced: DynamicLayer) -> list:
 def compress_layer(layer: DynamicLayer, selection: Selection, peers: Optional[list] = None) -> CompressedLayer:
     """The cache layer holding only the slots `selection` keeps (filler slots get position -1)."""
     indices = selection.indices
+    if indices.device != layer.keys.device:  # a follower on another device than its leader (device_map)
+        indices = indices.to(layer.keys.device)
     kept_k, kept_v = ops.gather(layer.keys, layer.values, indices)
     positions = layer_positions(layer)
     if indices.ndim == 3 and positions.ndim == 2:

@@ -42,6 +42,9 @@ ckv_status ckv_select_kvpress_rows_cpu(const float *token_scores, int64_t rows, 
 
 ckv_status ckv_gather_cpu(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst);
 
+ckv_status ckv_select_from_scores_cpu(const ckv_tensor *scores, int64_t L, const ckv_select_params *params,
+                                      ckv_tensor *indices);
+
 /* ---- CUDA backend (cuda/), present when CKV_WITH_CUDA is defined ---- */
 #ifdef CKV_WITH_CUDA
 ckv_status ckv_score_cuda(const ckv_tensor *queries, const ckv_tensor *keys, float scale,
@@ -51,6 +54,8 @@ ckv_status ckv_select_cuda(const ckv_tensor *queries, const ckv_tensor *keys, co
                            float scale, int64_t *out);
 ckv_status ckv_gather_cuda(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst,
                            void *stream);
+ckv_status ckv_select_from_scores_cuda(const ckv_tensor *scores, int64_t L, const ckv_select_params *params,
+                                       ckv_tensor *indices);
 #endif
 
 #endif /* CKV_CORE_H */

@@ -284,7 +284,8 @@ static int64_t prefix_length(const ckv_select_params *p, int64_t L, int64_t w) {
     return p->method == CKV_METHOD_H2O ? L - p->window : L - w;
 }
 
-static ckv_status check_params(const char *op, const ckv_select_params *p, int64_t w, int64_t L) {
+/* The parameters every method reads, whatever the scores come from. */
+static ckv_status check_method_params(const char *op, const ckv_select_params *p) {
     if (!p)
         return ckv_fail(CKV_ERR_VALUE, "%s: params is missing", op);
     if ((int)p->method < CKV_METHOD_CHUNKKV || (int)p->method > CKV_METHOD_CHUNKKV_KVPRESS)
@@ -299,6 +300,20 @@ static ckv_status check_params(const char *op, const ckv_select_params *p, int64
                         (long long)p->pool_kernel);
     if (p->n_sink < 0)
         return ckv_fail(CKV_ERR_VALUE, "%s: n_sink must be >= 0, got %lld", op, (long long)p->n_sink);
+    return CKV_OK;
+}
+
+static ckv_status check_budget(const char *op, const ckv_select_params *p, int64_t w) {
+    if (p->budget < w)
+        return ckv_fail(CKV_ERR_VALUE, "%s: budget (%lld) must be >= the window w (%lld): the window is always kept",
+                        op, (long long)p->budget, (long long)w);
+    return CKV_OK;
+}
+
+static ckv_status check_params(const char *op, const ckv_select_params *p, int64_t w, int64_t L) {
+    ckv_status st;
+    if ((st = check_method_params(op, p)))
+        return st;
     if (p->method == CKV_METHOD_CHUNKKV_KVPRESS) {
         if (!(p->keep_fraction > 0.0 && p->keep_fraction <= 1.0))
             return ckv_fail(CKV_ERR_VALUE, "%s: keep_fraction must be in (0, 1], got %g", op, p->keep_fraction);
@@ -313,10 +328,7 @@ static ckv_status check_params(const char *op, const ckv_select_params *p, int64
                             (long long)L, (long long)p->window);
         w = p->window;
     }
-    if (p->budget < w)
-        return ckv_fail(CKV_ERR_VALUE, "%s: budget (%lld) must be >= the window w (%lld): the window is always kept",
-                        op, (long long)p->budget, (long long)w);
-    return CKV_OK;
+    return check_budget(op, p, w);
 }
 
 /* kvpress's token scores out [B, L] from per-head window-attention sums buf [B, H, P] (pooled
@@ -367,6 +379,26 @@ static void sum_heads(float *scores, int64_t B, int64_t H, int64_t P) {
     }
 }
 
+/* indices [B, n] or [B, Hkv, n] (per_head): int64, C-contiguous, on the device of ref. */
+static ckv_status check_select_out(const char *op, const ckv_tensor *indices, int per_head, int64_t B, int64_t H,
+                                   int64_t n, const ckv_tensor *ref, const char *ref_name) {
+    ckv_status st;
+    if ((st = check_view(op, "indices", indices, per_head ? 3 : 2)))
+        return st;
+    if (indices->dtype != CKV_DTYPE_I64)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: indices must be int64, got %s", op, dtype_name(indices->dtype));
+    if (indices->shape[0] != B || (per_head && indices->shape[1] != H) || indices->shape[indices->ndim - 1] != n) {
+        if (per_head)
+            return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B, Hkv, n] = [%lld, %lld, %lld]", op,
+                            (long long)B, (long long)H, (long long)n);
+        return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B, n] = [%lld, %lld]", op, (long long)B,
+                        (long long)n);
+    }
+    if ((st = check_same_device(op, "indices", indices, ref, ref_name)))
+        return st;
+    return check_contiguous_out(op, "indices", indices);
+}
+
 ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select_params *params,
                       ckv_tensor *indices) {
     static const char op[] = "ckv_select";
@@ -379,19 +411,7 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
     const int64_t n = ckv_select_count(params, L);
     const int per_head = params->per_head != 0;
     const int kvpress = params->method == CKV_METHOD_CHUNKKV_KVPRESS;
-    if ((st = check_view(op, "indices", indices, per_head ? 3 : 2)))
-        return st;
-    if (indices->dtype != CKV_DTYPE_I64)
-        return ckv_fail(CKV_ERR_DTYPE, "%s: indices must be int64, got %s", op, dtype_name(indices->dtype));
-    if (indices->shape[0] != B || (per_head && indices->shape[1] != H) || indices->shape[indices->ndim - 1] != n) {
-        if (per_head)
-            return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B, Hkv, n] = [%lld, %lld, %lld]", op,
-                            (long long)B, (long long)H, (long long)n);
-        return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B, n] = [%lld, %lld]", op, (long long)B,
-                        (long long)n);
-    }
-    if ((st = check_same_device(op, "indices", indices, q, "queries")) ||
-        (st = check_contiguous_out(op, "indices", indices)))
+    if ((st = check_select_out(op, indices, per_head, B, H, n, q, "queries")))
         return st;
     if (numel(indices) == 0)
         return CKV_OK;
@@ -433,6 +453,45 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
     free(scores);
     free(tmp);
     return st;
+}
+
+/* ---------------------------------------------------------------- ckv_select_from_scores */
+
+ckv_status ckv_select_from_scores(const ckv_tensor *scores, int64_t L, const ckv_select_params *params,
+                                  ckv_tensor *indices) {
+    static const char op[] = "ckv_select_from_scores";
+    ckv_status st;
+    if ((st = check_method_params(op, params)))
+        return st;
+    if (params->method != CKV_METHOD_CHUNKKV && params->method != CKV_METHOD_SNAPKV &&
+        params->method != CKV_METHOD_H2O)
+        return ckv_fail(CKV_ERR_VALUE,
+                        "%s: method %d does not select from summed token scores; expected chunkkv (0), snapkv (1) "
+                        "or h2o (4) (streamingllm and random read no scores, chunkkv-kvpress ranks its own)",
+                        op, (int)params->method);
+    const int per_head = params->per_head != 0;
+    if ((st = check_view(op, "scores", scores, per_head ? 3 : 2)))
+        return st;
+    if (scores->dtype != CKV_DTYPE_F32)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: scores must be float32, got %s", op, dtype_name(scores->dtype));
+    if ((st = check_backend(op, scores)) || (st = check_contiguous_out(op, "scores", scores)))
+        return st;
+    const int64_t B = scores->shape[0], H = per_head ? scores->shape[1] : 1, P = scores->shape[scores->ndim - 1];
+    if (L < P || L >= CKV_MAX_DIM)
+        return ckv_fail(CKV_ERR_VALUE, "%s: L = %lld must be in [P = %lld (scores.shape[-1]), 2^31)", op, (long long)L,
+                        (long long)P);
+    if ((st = check_budget(op, params, L - P)) || (st = check_row_starts(op, params->row_starts, B, L)))
+        return st;
+    const int64_t n = ckv_kept_count(params->budget, L);
+    if ((st = check_select_out(op, indices, per_head, B, H, n, scores, "scores")))
+        return st;
+    if (numel(indices) == 0)
+        return CKV_OK;
+#ifdef CKV_WITH_CUDA
+    if (scores->device == CKV_DEVICE_CUDA)
+        return ckv_select_from_scores_cuda(scores, L, params, indices);
+#endif
+    return ckv_select_from_scores_cpu(scores, L, params, indices);
 }
 
 /* ---------------------------------------------------------------- ckv_gather */

@@ -6,6 +6,7 @@
  * The observation window [P, L) is always kept; the methods differ in how
  * they spend the prefix budget Bp = budget - w.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -223,4 +224,17 @@ ckv_status ckv_select_kvpress_rows_cpu(const float *token_scores, int64_t rows, 
     if (failed)
         return ckv_fail(CKV_ERR_NOMEM, "ckv_select: could not allocate %zu bytes of scratch per thread", bytes);
     return CKV_OK;
+}
+
+ckv_status ckv_select_from_scores_cpu(const ckv_tensor *scores, int64_t L, const ckv_select_params *params,
+                                      ckv_tensor *indices) {
+    const int per_head = scores->ndim == 3;
+    const int64_t H = per_head ? scores->shape[1] : 1, P = scores->shape[scores->ndim - 1];
+    const int64_t rows = scores->shape[0] * H;
+    const float *s = (const float *)scores->data;
+    for (int64_t j = 0; j < rows * P; j++)
+        if (!isfinite(s[j]))
+            return ckv_fail(CKV_ERR_VALUE, "ckv_select_from_scores: scores[%lld] is not finite (NaN or Inf)",
+                            (long long)j);
+    return ckv_select_rows_cpu(s, rows, P, L, params, H, (int64_t *)indices->data);
 }

@@ -185,9 +185,11 @@ ckv_status ckv_select_from_scores(const ckv_tensor *scores, int64_t L, const ckv
  *   indices              [B, n] or [B, Hkv, n] int64, each in [0, L)
  *   keys_out, values_out [B, Hkv, n, D]  same dtype as keys
  * An output may be the very same view as its input (same data and strides)
- * restricted to n tokens: the kept rows are then compacted to the front in
+ * restricted to n <= L tokens: the kept rows are then compacted to the front in
  * place, which needs each row of indices strictly increasing. Any other
- * overlap of outputs and inputs is the caller's bug. On the CPU indices are
+ * overlap (of the byte ranges) of an output with keys, values, indices or the
+ * other output is refused with CKV_ERR_LAYOUT, on every backend; the check is
+ * by byte range, so outputs interleaved in one buffer are refused too. On the CPU indices are
  * checked first (ValueError); on CUDA, where that would need a host sync, an
  * out-of-range index writes a row of zeros and nothing outside the buffers
  * is read or written.

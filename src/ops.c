@@ -505,6 +505,126 @@ static int same_view(const ckv_tensor *a, const ckv_tensor *b) {
     return 1;
 }
 
+/* a + b and a * b (a >= 0), saturating at the int64 limits: views from a producer may claim strides
+ * whose byte spans do not fit in int64. */
+static int64_t sat_add(int64_t a, int64_t b) {
+    if (b > 0 && a > INT64_MAX - b)
+        return INT64_MAX;
+    if (b < 0 && a < INT64_MIN - b)
+        return INT64_MIN;
+    return a + b;
+}
+
+static int64_t sat_mul(int64_t a, int64_t b) {
+    if (a == 0 || b == 0)
+        return 0;
+    if (b == INT64_MIN || a > INT64_MAX / (b < 0 ? -b : b))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return a * b;
+}
+
+/* A view's bytes: element i at off + sum(i[d] * stride[d]) (bytes, relative to some base), isz bytes long. */
+typedef struct {
+    int64_t off, isz;
+    int ndim;
+    int64_t shape[CKV_MAX_DIMS], stride[CKV_MAX_DIMS];
+} byte_view;
+
+static byte_view bytes_of(const ckv_tensor *t, const void *base) {
+    byte_view v;
+    v.off = (int64_t)((uintptr_t)t->data - (uintptr_t)base);
+    v.isz = (int64_t)ckv_itemsize(t->dtype);
+    v.ndim = t->ndim;
+    for (int i = 0; i < t->ndim; i++) {
+        v.shape[i] = t->shape[i];
+        v.stride[i] = sat_mul(v.isz, t->strides[i]);
+    }
+    return v;
+}
+
+/* [lo, hi]: the lowest and highest byte the (non-empty) view touches, saturating. */
+static void byte_range(const byte_view *v, int64_t *lo, int64_t *hi) {
+    int64_t neg = 0, pos = 0;
+    for (int i = 0; i < v->ndim; i++) {
+        const int64_t span = sat_mul(v->shape[i] - 1, v->stride[i]);
+        if (span < 0)
+            neg = sat_add(neg, span);
+        else
+            pos = sat_add(pos, span);
+    }
+    *lo = sat_add(v->off, neg);
+    *hi = sat_add(sat_add(v->off, pos), v->isz - 1);
+}
+
+/* Whether two non-empty views share a byte: their byte ranges meet, and halving the view with the
+ * wider range along its widest dimension finds two pieces that still meet, down to single elements.
+ * Pieces whose ranges are apart are dropped at once, so views side by side or interleaved in one
+ * buffer are told apart in about (pieces) steps; past *budget steps the answer is yes (refusing a
+ * safe layout beats corrupting data). */
+static int bytes_meet(const byte_view *a, const byte_view *b, int64_t *budget) {
+    int64_t alo, ahi, blo, bhi;
+    byte_range(a, &alo, &ahi);
+    byte_range(b, &blo, &bhi);
+    if (alo > bhi || blo > ahi)
+        return 0;
+    if (--*budget < 0)
+        return 1;
+    const byte_view *wide = (ahi - alo) >= (bhi - blo) ? a : b, *other = wide == a ? b : a;
+    for (int pass = 0; pass < 2; pass++) {
+        int dim = -1;
+        int64_t best = 0;
+        for (int i = 0; i < wide->ndim; i++) {
+            const int64_t span = sat_mul(wide->shape[i] - 1, wide->stride[i] < 0 ? -wide->stride[i] : wide->stride[i]);
+            if (span > best) /* a dimension of stride 0 repeats one address: nothing to split */
+                dim = i, best = span;
+        }
+        if (dim >= 0) {
+            byte_view lo = *wide, hi = *wide;
+            lo.shape[dim] = wide->shape[dim] / 2;
+            hi.shape[dim] = wide->shape[dim] - lo.shape[dim];
+            hi.off = sat_add(wide->off, sat_mul(lo.shape[dim], wide->stride[dim]));
+            return bytes_meet(&lo, other, budget) || bytes_meet(&hi, other, budget);
+        }
+        const byte_view *t = wide; /* one address: split the other view */
+        wide = other;
+        other = t;
+    }
+    return 1; /* two addresses whose bytes meet */
+}
+
+/* Whether two views share memory (exactly, within a bounded search; see bytes_meet). */
+static int views_overlap(const ckv_tensor *a, const ckv_tensor *b) {
+    if (numel(a) == 0 || numel(b) == 0)
+        return 0;
+    const byte_view va = bytes_of(a, a->data), vb = bytes_of(b, a->data);
+    int64_t budget = (int64_t)1 << 16;
+    return bytes_meet(&va, &vb, &budget);
+}
+
+static ckv_status refuse_overlap(const char *op, const char *out_name, const ckv_tensor *out, const char *name,
+                                 const ckv_tensor *t) {
+    if (!views_overlap(out, t))
+        return CKV_OK;
+    return ckv_fail(CKV_ERR_LAYOUT,
+                    "%s: %s overlaps %s in memory; an output may share memory with an input only as the very same "
+                    "view (same data and strides, cut to n <= L tokens: in-place compaction)", op, out_name, name);
+}
+
+/* An output and the inputs: its own input only as the very same view cut to n <= L tokens (in-place
+ * compaction, which reads each row before writing over it); no overlap with the other input (the
+ * first gather would overwrite what the second reads) or the indices. Checked here, once, for every
+ * backend. */
+static ckv_status check_out_overlap(const char *op, const char *out_name, const ckv_tensor *out, const char *own_name,
+                                    const ckv_tensor *own, const char *other_name, const ckv_tensor *other,
+                                    const ckv_tensor *indices) {
+    ckv_status st;
+    if (!(same_view(out, own) && out->shape[2] <= own->shape[2]) && (st = refuse_overlap(op, out_name, out, own_name, own)))
+        return st;
+    if ((st = refuse_overlap(op, out_name, out, other_name, other)))
+        return st;
+    return refuse_overlap(op, out_name, out, "indices", indices);
+}
+
 static ckv_status check_gather_out(const char *op, const char *name, const ckv_tensor *out, const ckv_tensor *src,
                                    int64_t n) {
     ckv_status st;
@@ -589,8 +709,11 @@ ckv_status ckv_gather(const ckv_tensor *keys, const ckv_tensor *values, const ck
     if ((st = check_gather_out(op, "keys_out", keys_out, keys, n)) ||
         (st = check_gather_out(op, "values_out", values_out, values, n)))
         return st;
-    if (keys_out->data && keys_out->data == values_out->data && numel(keys_out) > 0)
-        return ckv_fail(CKV_ERR_LAYOUT, "%s: keys_out and values_out must not share memory", op);
+    if (views_overlap(keys_out, values_out))
+        return ckv_fail(CKV_ERR_LAYOUT, "%s: keys_out and values_out must not share memory (their bytes overlap)", op);
+    if ((st = check_out_overlap(op, "keys_out", keys_out, "keys", keys, "values", values, indices)) ||
+        (st = check_out_overlap(op, "values_out", values_out, "values", values, "keys", keys, indices)))
+        return st;
     /* indices are checked even when nothing is copied (D = 0): a bad index is an error whatever D is */
     const int in_place = numel(keys_out) > 0 && (same_view(keys, keys_out) || same_view(values, values_out));
     if (keys->device == CKV_DEVICE_CPU && numel(indices) > 0 && (st = check_indices_cpu(op, indices, L, in_place)))

@@ -202,7 +202,7 @@ def select(q, k, *, budget, chunk_size=10, scale=None, per_head=False, method="c
                    row_starts=row_starts) if needs else None
     out = _select_rows(S, B, Hkv if per_head else 1, L, w, budget, row_starts, method=method,
                        chunk_size=chunk_size, pool_kernel=pool_kernel, pool=pool, n_sink=n_sink, seed=seed)
-    return out.reshape(B, Hkv, -1) if per_head else out
+    return out.reshape(B, Hkv, min(budget, L)) if per_head else out
 
 
 def _select_rows(S, B: int, H: int, L: int, w: int, budget: int, row_starts, **method_args) -> np.ndarray:
@@ -232,7 +232,7 @@ def select_from_scores(scores, L: int, *, budget, chunk_size=10, method="chunkkv
         raise ValueError((method, budget, L, P))
     out = _select_rows(s.reshape(B * H, P), B, H, L, L - P, budget, row_starts, method=method,
                        chunk_size=chunk_size, pool_kernel=pool_kernel, pool=pool)
-    return out.reshape(B, H, -1) if per_head else out
+    return out.reshape(B, H, min(budget, L)) if per_head else out
 
 
 def gather(keys, values, indices):

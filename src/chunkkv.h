@@ -17,7 +17,7 @@
  * Query head h reads KV head h / G.
  *
  * Every op checks all of its arguments first (ops.c), then runs a backend
- * kernel (cpu/, and cuda/ when built with CUDA). Nothing here aborts, exits
+ * entry point with the op's signature (cpu/, and cuda/ when built with CUDA). Nothing here aborts, exits
  * or prints: an op returns a ckv_status and, when it is not CKV_OK, records a
  * message for ckv_last_error() naming the op, the argument, what was expected
  * and what came. Messages are per thread.

@@ -118,17 +118,9 @@ ckv_status launch(const char *op, const GatherArgs &a, int64_t BH, bool in_place
     return CKV_OK;
 }
 
-} // namespace
-} // namespace ckv
-
-extern "C" ckv_status ckv_gather_cuda(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst,
-                                      void *stream_ptr) {
-    static const char op[] = "ckv_gather";
-    using namespace ckv;
-    const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-    DeviceGuard guard;
-    if (ckv_status st_ = ckv::enter_device(op, guard, src->device_id))
-        return st_;
+/* dst = src gathered by indices, on the current device. */
+ckv_status gather_one(const char *op, const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst,
+                      cudaStream_t stream) {
     const int64_t B = src->shape[0], H = src->shape[1], D = src->shape[3], n = dst->shape[2];
     const int64_t isz = (int64_t)ckv_itemsize(src->dtype);
     if (B * H * n * D == 0)
@@ -170,4 +162,16 @@ extern "C" ckv_status ckv_gather_cuda(const ckv_tensor *src, const ckv_tensor *i
     case 4: return launch<uint32_t>(op, a, B * H, in_place, sms, stream);
     default: return launch<uint16_t>(op, a, B * H, in_place, sms, stream);
     }
+}
+
+} // namespace
+} // namespace ckv
+
+extern "C" ckv_status ckv_gather_cuda(const ckv_tensor *keys, const ckv_tensor *values, const ckv_tensor *indices,
+                                      ckv_tensor *keys_out, ckv_tensor *values_out, void *stream_ptr) {
+    CKV_CUDA_ENTER("ckv_gather", keys->device_id);
+    const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+    if (ckv_status st = ckv::gather_one(op, keys, indices, keys_out, stream))
+        return st;
+    return ckv::gather_one(op, values, indices, values_out, stream);
 }

@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(NT) select_rows_kernel(SelArgs a) {
     switch (a.method) {
     case CKV_METHOD_CHUNKKV: {
         const int64_t c = a.chunk < Pp ? a.chunk : Pp;
-        const int64_t nch = (Pp + c - 1) / c;
+        const int64_t nch = ckv_chunk_count(Pp, c);
         uint64_t *ckey = reinterpret_cast<uint64_t *>(scratch);
         for (int64_t m = tid; m < nch; m += NT) {
             const int64_t lo = m * c, hi = lo + c < Pp ? lo + c : Pp;
@@ -403,7 +403,7 @@ kvpress_rows_kernel(const float *__restrict__ pooled, int64_t H, int64_t P, int6
         return acc;
     };
     const int64_t cc = c < L ? c : L;
-    const int64_t nch = (L + cc - 1) / cc;
+    const int64_t nch = ckv_chunk_count(L, cc);
     for (int64_t m = tid; m < nch; m += NT) { /* the mean of each chunk, the short last one too */
         const int64_t lo = m * cc, hi = lo + cc < L ? lo + cc : L;
         double sum = 0.0;
@@ -446,15 +446,10 @@ __global__ void sum_heads_kernel(const float *__restrict__ scores, int64_t B, in
 int64_t row_scratch_bytes(const ckv_select_params *p, int64_t P, int64_t L) {
     int64_t bytes = 0;
     if (p->method == CKV_METHOD_CHUNKKV_KVPRESS) {
-        const int64_t c = p->chunk_size < L ? p->chunk_size : L;
-        bytes = (L + c - 1) / c * (int64_t)sizeof(uint64_t);
+        bytes = ckv_chunk_count(L, p->chunk_size) * (int64_t)sizeof(uint64_t);
     } else if (p->budget < L) {
         switch (p->method) {
-        case CKV_METHOD_CHUNKKV: {
-            const int64_t c = p->chunk_size < P ? p->chunk_size : P;
-            bytes = c > 0 ? (P + c - 1) / c * (int64_t)sizeof(uint64_t) : 0;
-            break;
-        }
+        case CKV_METHOD_CHUNKKV: bytes = ckv_chunk_count(P, p->chunk_size) * (int64_t)sizeof(uint64_t); break;
         case CKV_METHOD_SNAPKV:
         case CKV_METHOD_H2O: bytes = P * (int64_t)sizeof(uint32_t); break;
         case CKV_METHOD_RANDOM: bytes = P * (int64_t)sizeof(int32_t) + L; break;
@@ -497,18 +492,17 @@ ckv_status launch_select_rows(const char *op, const float *row_scores, int64_t r
 } // namespace ckv
 
 extern "C" ckv_status ckv_select_cuda(const ckv_tensor *q, const ckv_tensor *k, const ckv_select_params *params,
-                                      float scale, int64_t *out) {
-    static const char op[] = "ckv_select";
+                                      ckv_tensor *indices) {
+    CKV_CUDA_ENTER("ckv_select", k->device_id);
     using namespace ckv;
     const cudaStream_t stream = static_cast<cudaStream_t>(params->stream);
-    DeviceGuard guard;
-    if (ckv_status st_ = ckv::enter_device(op, guard, k->device_id))
-        return st_;
 
     const ckv_method method = params->method;
     const bool kvpress = method == CKV_METHOD_CHUNKKV_KVPRESS, h2o = method == CKV_METHOD_H2O;
     const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2], w = q->shape[2];
-    const int64_t P = h2o ? L - params->window : L - w; /* ops.c's prefix_length */
+    const int64_t P = ckv_prefix_length(params, L, w);
+    const float scale = ckv_scale_or_default(params->scale, k->shape[3]);
+    int64_t *out = static_cast<int64_t *>(indices->data);
     const int per_head = params->per_head != 0 && !kvpress;
     const int64_t rows = per_head ? B * H : B;
     const int64_t n = ckv_select_count(params, L);
@@ -557,10 +551,9 @@ extern "C" ckv_status ckv_select_cuda(const ckv_tensor *q, const ckv_tensor *k, 
                     scores, B * H, P, params->pool_kernel, norm, sums, max_key);
                 CKV_CUDA_LAUNCH_CHECK("kvpress_pool_kernel");
             }
-            const int64_t c = params->chunk_size;
-            const int64_t n_keep = n / c + (n % c != 0);
-            kvpress_rows_kernel<<<grid, NT, 0, stream>>>(sums, H, P, L, c, n_keep, n, max_key, scratch, row_bytes,
-                                                          out);
+            kvpress_rows_kernel<<<grid, NT, 0, stream>>>(sums, H, P, L, params->chunk_size,
+                                                          ckv_kvpress_chunks(params, L), n, max_key, scratch,
+                                                          row_bytes, out);
             CKV_CUDA_LAUNCH_CHECK("kvpress_rows_kernel");
             return CKV_OK;
         }
@@ -577,12 +570,9 @@ extern "C" ckv_status ckv_select_cuda(const ckv_tensor *q, const ckv_tensor *k, 
 
 extern "C" ckv_status ckv_select_from_scores_cuda(const ckv_tensor *scores, int64_t L,
                                                   const ckv_select_params *params, ckv_tensor *indices) {
-    static const char op[] = "ckv_select_from_scores";
+    CKV_CUDA_ENTER("ckv_select_from_scores", scores->device_id);
     using namespace ckv;
     const cudaStream_t stream = static_cast<cudaStream_t>(params->stream);
-    DeviceGuard guard;
-    if (ckv_status st_ = ckv::enter_device(op, guard, scores->device_id))
-        return st_;
     const int per_head = scores->ndim == 3;
     const int64_t B = scores->shape[0], H = per_head ? scores->shape[1] : 1, P = scores->shape[scores->ndim - 1];
     const int64_t rows = B * H;

@@ -188,8 +188,10 @@ ckv_status ckv_select_from_scores(const ckv_tensor *scores, int64_t L, const ckv
  * restricted to n <= L tokens: the kept rows are then compacted to the front in
  * place, which needs each row of indices strictly increasing. Any other
  * overlap (of the byte ranges) of an output with keys, values, indices or the
- * other output is refused with CKV_ERR_LAYOUT, on every backend; the check is
- * by byte range, so outputs interleaved in one buffer are refused too. On the CPU indices are
+ * other output is refused with CKV_ERR_LAYOUT, on every backend. The check is
+ * exact for views side by side or interleaved in one buffer (e.g. keys and
+ * values as [..., 0, :] and [..., 1, :] of one tensor) when their byte ranges
+ * part within about 2^16 halvings; past that it refuses. On the CPU indices are
  * checked first (ValueError); on CUDA, where that would need a host sync, an
  * out-of-range index writes a row of zeros and nothing outside the buffers
  * is read or written.

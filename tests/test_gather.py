@@ -280,6 +280,9 @@ def test_overlap_check_allows_what_is_safe():
     assert np.array_equal(ok, want_k) and np.array_equal(ov, want_v)
     ok, ov = chunkkv.gather(k, k, idx)
     assert np.array_equal(ok, want_k) and np.array_equal(ov, want_k)
+    kv2 = kv.copy()  # keys and values interleaved in one buffer, both compacted in place
+    ck, cv = chunkkv.compact_(kv2[:, :, :, 0], kv2[:, :, :, 1], idx)
+    assert np.shares_memory(ck, kv2) and np.array_equal(ck, want_k) and np.array_equal(cv, want_v)
 
 
 def test_overlapping_torch_views_are_refused():

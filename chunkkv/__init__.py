@@ -1,12 +1,12 @@
 """chunkkv: ChunkKV KV-cache compression with layer-wise index reuse, in C.
 
 Core ops (NumPy arrays or torch tensors, zero-copy through DLPack):
-    select, gather, compact_, compress, score
+    select, gather, compact_, compress, score, select_from_scores
 transformers integration:
     patch, unpatch, cache_kwarg
 """
 from .ops import (build_info, compact_, compress, gather, get_num_threads, methods, score, select,
-                  set_num_threads)
+                  select_from_scores, set_num_threads)
 
 __version__ = "0.1.0"
 
@@ -20,4 +20,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'chunkkv' has no attribute {name!r}")
 
 __all__ = ["build_info", "compact_", "compress", "gather", "get_num_threads", "methods", "score", "select",
-           "set_num_threads", "patch", "unpatch", "cache_kwarg", "__version__"]
+           "select_from_scores", "set_num_threads", "patch", "unpatch", "cache_kwarg", "__version__"]

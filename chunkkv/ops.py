@@ -236,6 +236,52 @@ def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, 
     return out
 
 
+#: methods whose selection is a function of the (head-summed) token scores alone
+_SCORE_METHODS = ("chunkkv", "snapkv", "pyramidkv", "h2o")
+
+
+def _contiguous(x: Any) -> Any:
+    """x, or a C-contiguous copy of it (the core reads given scores as rows of P floats)."""
+    if _is_torch(x):
+        return x.contiguous()
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(x)
+    return x
+
+
+def select_from_scores(scores: Tensor, *, length: int, budget: int, chunk_size: int = 10, method: str = "chunkkv",
+                       row_starts: Any = None, pool_kernel: int = 1, pool: str = "avg") -> Tensor:
+    """select()'s positions from token scores given by the caller, int64 [B, n] (or [B, Hkv, n]), n = min(budget, length).
+
+    scores: float32 [B, P] (one selection per row) or [B, Hkv, P] (one per KV head, as select's
+    per_head); e.g. score()'s output summed over heads in head order, and over tensor-parallel ranks
+    after an all-reduce, so that every rank keeps the same positions. length is L, the cache's
+    tokens: the window [P, length) is always kept and budget >= length - P. Methods: "chunkkv"
+    (chunk_size), "snapkv" / "pyramidkv" (pool_kernel, pool "avg" or "max") and "h2o" (the best raw
+    scores); the others do not select from summed scores and raise ValueError. row_starts as in
+    select(). Given score()'s head sums this returns exactly what select() returns.
+    """
+    if method not in _SCORE_METHODS:
+        raise ValueError(f"method: select_from_scores takes one of {list(_SCORE_METHODS)}, got {method!r} "
+                         "(streamingllm and random read no scores, chunkkv-kvpress ranks its own; use select())")
+    if pool not in ("avg", "max"):
+        raise ValueError(f"pool: expected 'avg' or 'max', got {pool!r}")
+    _check_tensor(scores, "scores")
+    shape = tuple(int(s) for s in scores.shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"scores: expected 2 dimensions [B, P] or 3 [B, Hkv, P], got shape {list(shape)}")
+    length, budget = _int_arg(length, "length", 0), _int_arg(budget, "budget")
+    n = max(0, min(budget, length))
+    out = _empty_like_kind(scores, shape[:-1] + (n,), "int64")
+    scores = _contiguous(scores)
+    _C.select_from_scores(_export(scores, "scores"), _export(out, "indices"), length,
+                          method=_CORE_METHODS[method][0], budget=budget, chunk_size=_int_arg(chunk_size, "chunk_size"),
+                          per_head=len(shape) == 3, pool_kernel=_int_arg(pool_kernel, "pool_kernel"),
+                          pool_max=pool == "max", stream=_stream_of(scores) or 0,
+                          row_starts=_row_starts_arg(row_starts))
+    return out
+
+
 def _trim_padding(indices: Any) -> Any:
     """Drop the -1 columns chunkkv-kvpress pads with when the short last chunk was kept."""
     kept = (indices >= 0).sum(-1)

@@ -17,7 +17,7 @@
  * Query head h reads KV head h / G.
  *
  * Every op checks all of its arguments first (ops.c), then runs a backend
- * kernel (cpu/, and cuda/ when built with CUDA). Nothing here aborts, exits
+ * entry point with the op's signature (cpu/, and cuda/ when built with CUDA). Nothing here aborts, exits
  * or prints: an op returns a ckv_status and, when it is not CKV_OK, records a
  * message for ckv_last_error() naming the op, the argument, what was expected
  * and what came. Messages are per thread.
@@ -158,14 +158,40 @@ ckv_status ckv_select(const ckv_tensor *queries, const ckv_tensor *keys,
                       const ckv_select_params *params, ckv_tensor *indices);
 
 /*
+ * ckv_select_from_scores: ckv_select's selection from token scores given by
+ * the caller, e.g. ckv_score's output summed over tensor-parallel ranks (each
+ * rank scores its own KV heads, the ranks all-reduce the sums, every rank then
+ * picks the same positions).
+ *   scores  [B, P] (per_head = 0) or [B, Hkv, P] (per_head = 1), float32, C-contiguous
+ *   L       tokens in the cache, L >= P: the window [P, L) is always kept
+ *   indices [B, n] or [B, Hkv, n], int64, n = ckv_kept_count(budget, L)
+ * Methods: chunkkv (chunk sums from each row's start, best-first, the cut
+ * chunk's best tokens), snapkv (pooling of the given scores, then the best
+ * tokens; pyramidkv is snapkv with its own budget) and h2o (the best raw
+ * scores; its window is L - P, params->window is not read). Given the head
+ * sums (in head order, fp32) of ckv_score's output this is bit for bit what
+ * ckv_select returns. Streamingllm and random do not rank scores and
+ * chunkkv-kvpress ranks scores that are not a sum over heads (window tokens
+ * at a global maximum): those are CKV_ERR_VALUE. row_starts as in
+ * ckv_select; scale is not read. Non-finite scores are an error on the CPU;
+ * on CUDA they rank lowest, as in ckv_select.
+ */
+ckv_status ckv_select_from_scores(const ckv_tensor *scores, int64_t L, const ckv_select_params *params,
+                                  ckv_tensor *indices);
+
+/*
  * ckv_gather: keys_out[b, g, t] = keys[b, g, indices[b, (g,) t]], the same for values.
  *   keys, values         [B, Hkv, L, D]  same dtype
  *   indices              [B, n] or [B, Hkv, n] int64, each in [0, L)
  *   keys_out, values_out [B, Hkv, n, D]  same dtype as keys
  * An output may be the very same view as its input (same data and strides)
- * restricted to n tokens: the kept rows are then compacted to the front in
+ * restricted to n <= L tokens: the kept rows are then compacted to the front in
  * place, which needs each row of indices strictly increasing. Any other
- * overlap of outputs and inputs is the caller's bug. On the CPU indices are
+ * overlap (of the byte ranges) of an output with keys, values, indices or the
+ * other output is refused with CKV_ERR_LAYOUT, on every backend. The check is
+ * exact for views side by side or interleaved in one buffer (e.g. keys and
+ * values as [..., 0, :] and [..., 1, :] of one tensor) when their byte ranges
+ * part within about 2^16 halvings; past that it refuses. On the CPU indices are
  * checked first (ValueError); on CUDA, where that would need a host sync, an
  * out-of-range index writes a row of zeros and nothing outside the buffers
  * is read or written.

@@ -1,81 +1,22 @@
 /*
- * ops.c -- the public ops: check every argument once, size the scratch, and
- * hand trusted views to a backend (cpu/ or cuda/). Kernels check nothing.
+ * ops.c -- the public ops: check every argument once, then hand trusted views to a backend entry
+ * point with the op's own signature (backend.h): ckv_<op>_cpu, or ckv_<op>_cuda for CUDA tensors.
+ * Kernels check nothing; what they share with this file (errors, sizes, threads, counts) is in base.c.
  */
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <stdint.h>
 
-#include "core.h"
+#include "backend.h"
 #include "cpu/simd.h"
 
-/* ---------------------------------------------------------------- errors */
-
-static _Thread_local char last_error[512];
-
-ckv_status ckv_fail(ckv_status status, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-const char *ckv_last_error(void) { return last_error; }
-
-/* ---------------------------------------------------------------- threads */
-
-static int requested_threads; /* 0: default */
-
-void ckv_set_num_threads(int n) { requested_threads = n > 0 ? n : 0; }
-
-int ckv_threads(void) {
-    if (requested_threads > 0)
-        return requested_threads;
-    const char *env = getenv("CHUNKKV_NUM_THREADS");
-    if (env) {
-        long v = strtol(env, NULL, 10);
-        if (v > 0 && v < 4096)
-            return (int)v;
-    }
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-int ckv_get_num_threads(void) { return ckv_threads(); }
-
-int ckv_threads_for(int64_t tasks, double work) {
-    int n = ckv_threads();
-    if (work < 1 << 20 || tasks < 2)
-        return 1;
-    return tasks < n ? (int)tasks : n;
-}
-
-/* ---------------------------------------------------------------- build facts */
-
-int ckv_has_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-int ckv_has_cuda(void) {
+/* The backend entry point of an op for tensors on `device`: the one switch every op goes through. */
 #ifdef CKV_WITH_CUDA
-    return 1;
+#define CKV_DISPATCH(device, op, ...) ((device) == CKV_DEVICE_CUDA ? op##_cuda(__VA_ARGS__) : op##_cpu(__VA_ARGS__))
 #else
-    return 0;
+#define CKV_DISPATCH(device, op, ...) ((void)(device), op##_cpu(__VA_ARGS__))
 #endif
-}
+
+/* ---------------------------------------------------------------- CPU facts */
 
 const char *ckv_simd_level(void) { return ckv_cpu_row_level(); }
 
@@ -83,17 +24,7 @@ double ckv_fma_peak_gflops(int threads, double seconds) {
     return ckv_cpu_fma_peak(threads > 0 ? threads : ckv_threads(), seconds > 0.0 ? seconds : 0.2);
 }
 
-/* ---------------------------------------------------------------- small helpers */
-
-size_t ckv_itemsize(ckv_dtype dtype) {
-    switch (dtype) {
-    case CKV_DTYPE_F32: return 4;
-    case CKV_DTYPE_F16: return 2;
-    case CKV_DTYPE_BF16: return 2;
-    case CKV_DTYPE_I64: return 8;
-    }
-    return 1;
-}
+/* ---------------------------------------------------------------- checks every op shares */
 
 static const char *dtype_name(ckv_dtype dtype) {
     switch (dtype) {
@@ -103,16 +34,6 @@ static const char *dtype_name(ckv_dtype dtype) {
     case CKV_DTYPE_I64: return "int64";
     }
     return "unknown";
-}
-
-int64_t ckv_kept_count(int64_t budget, int64_t L) { return budget < L ? budget : L; }
-
-void ckv_select_params_init(ckv_select_params *p) {
-    memset(p, 0, sizeof *p);
-    p->method = CKV_METHOD_CHUNKKV;
-    p->chunk_size = 10;
-    p->pool_kernel = 1;
-    p->n_sink = 4;
 }
 
 /* Largest dimension the core takes: keeps every size product far from overflow. */
@@ -217,19 +138,7 @@ static ckv_status check_queries_keys(const char *op, const ckv_tensor *q, const 
     return CKV_OK;
 }
 
-static float resolve_scale(float scale, int64_t D) { return scale != 0.0f ? scale : 1.0f / sqrtf((float)D); }
-
 /* ---------------------------------------------------------------- ckv_score */
-
-static ckv_status score_on_device(const ckv_tensor *q, const ckv_tensor *k, float scale, const int64_t *row_starts,
-                                  int64_t P, float *scores, void *stream) {
-#ifdef CKV_WITH_CUDA
-    if (q->device == CKV_DEVICE_CUDA)
-        return ckv_score_cuda(q, k, scale, row_starts, P, scores, stream);
-#endif
-    (void)stream;
-    return ckv_score_cpu(q, k, scale, row_starts, P, scores);
-}
 
 /* Row starts, when given, lie in [0, L]. */
 static ckv_status check_row_starts(const char *op, const int64_t *starts, int64_t B, int64_t L) {
@@ -250,41 +159,23 @@ ckv_status ckv_score(const ckv_tensor *q, const ckv_tensor *k, float scale, cons
         return ckv_fail(CKV_ERR_VALUE, "%s: scale must be finite", op);
     if ((st = check_row_starts(op, row_starts, k->shape[0], k->shape[2])))
         return st;
-    const int64_t P = scores->shape[2]; /* usually L - w; H2O scores a shorter prefix with more queries */
+    /* P = scores->shape[2], usually L - w; H2O scores a shorter prefix with more queries */
     if (scores->dtype != CKV_DTYPE_F32)
         return ckv_fail(CKV_ERR_DTYPE, "%s: scores must be float32, got %s", op, dtype_name(scores->dtype));
-    if (scores->shape[0] != k->shape[0] || scores->shape[1] != k->shape[1] || P > k->shape[2])
+    if (scores->shape[0] != k->shape[0] || scores->shape[1] != k->shape[1] || scores->shape[2] > k->shape[2])
         return ckv_fail(CKV_ERR_SHAPE, "%s: scores must have shape [B, Hkv, P] = [%lld, %lld, P <= L = %lld]", op,
                         (long long)k->shape[0], (long long)k->shape[1], (long long)k->shape[2]);
     if ((st = check_same_device(op, "scores", scores, q, "queries")) || (st = check_contiguous_out(op, "scores", scores)))
         return st;
     if (numel(scores) == 0)
         return CKV_OK;
-    return score_on_device(q, k, resolve_scale(scale, k->shape[3]), row_starts, P, (float *)scores->data, stream);
+    return CKV_DISPATCH(q->device, ckv_score, q, k, scale, row_starts, scores, stream);
 }
 
 /* ---------------------------------------------------------------- ckv_select */
 
-static int method_needs_scores(ckv_method m) { return m != CKV_METHOD_STREAMINGLLM && m != CKV_METHOD_RANDOM; }
-
-int64_t ckv_select_count(const ckv_select_params *p, int64_t L) {
-    if (p->method != CKV_METHOD_CHUNKKV_KVPRESS)
-        return ckv_kept_count(p->budget, L);
-    const int64_t c = p->chunk_size > 0 ? p->chunk_size : 1;
-    const int64_t chunks = (L + c - 1) / c;
-    /* int() of kvpress: truncation, clamped to [1, chunks] before the cast (a NaN, Inf or huge
-     * keep_fraction, refused later by check_params, must not reach an undefined double -> int64 cast) */
-    const double want = (double)chunks * p->keep_fraction;
-    const int64_t keep = want >= 1.0 ? (want < (double)chunks ? (int64_t)want : chunks) : 1;
-    return keep * c < L ? keep * c : L;
-}
-
-/* The prefix P: keys j < P are scored, [P, L) is the window kept whole. */
-static int64_t prefix_length(const ckv_select_params *p, int64_t L, int64_t w) {
-    return p->method == CKV_METHOD_H2O ? L - p->window : L - w;
-}
-
-static ckv_status check_params(const char *op, const ckv_select_params *p, int64_t w, int64_t L) {
+/* The parameters every method reads, whatever the scores come from. */
+static ckv_status check_method_params(const char *op, const ckv_select_params *p) {
     if (!p)
         return ckv_fail(CKV_ERR_VALUE, "%s: params is missing", op);
     if ((int)p->method < CKV_METHOD_CHUNKKV || (int)p->method > CKV_METHOD_CHUNKKV_KVPRESS)
@@ -299,6 +190,20 @@ static ckv_status check_params(const char *op, const ckv_select_params *p, int64
                         (long long)p->pool_kernel);
     if (p->n_sink < 0)
         return ckv_fail(CKV_ERR_VALUE, "%s: n_sink must be >= 0, got %lld", op, (long long)p->n_sink);
+    return CKV_OK;
+}
+
+static ckv_status check_budget(const char *op, const ckv_select_params *p, int64_t w) {
+    if (p->budget < w)
+        return ckv_fail(CKV_ERR_VALUE, "%s: budget (%lld) must be >= the window w (%lld): the window is always kept",
+                        op, (long long)p->budget, (long long)w);
+    return CKV_OK;
+}
+
+static ckv_status check_params(const char *op, const ckv_select_params *p, int64_t w, int64_t L) {
+    ckv_status st;
+    if ((st = check_method_params(op, p)))
+        return st;
     if (p->method == CKV_METHOD_CHUNKKV_KVPRESS) {
         if (!(p->keep_fraction > 0.0 && p->keep_fraction <= 1.0))
             return ckv_fail(CKV_ERR_VALUE, "%s: keep_fraction must be in (0, 1], got %g", op, p->keep_fraction);
@@ -313,72 +218,13 @@ static ckv_status check_params(const char *op, const ckv_select_params *p, int64
                             (long long)L, (long long)p->window);
         w = p->window;
     }
-    if (p->budget < w)
-        return ckv_fail(CKV_ERR_VALUE, "%s: budget (%lld) must be >= the window w (%lld): the window is always kept",
-                        op, (long long)p->budget, (long long)w);
-    return CKV_OK;
+    return check_budget(op, p, w);
 }
 
-/* kvpress's token scores out [B, L] from per-head window-attention sums buf [B, H, P] (pooled
- * in place): mean over the w window queries and the G heads of a group, average pooling (zero
- * padded, divided by the kernel), window = global max + 1, summed over heads. */
-static void kvpress_token_scores(float *buf, int64_t B, int64_t H, int64_t P, int64_t L, int64_t G, int64_t w,
-                                 int64_t kernel, float *tmp /* [P] */, float *out) {
-    const int64_t half = kernel / 2;
-    const float norm = 1.0f / ((float)w * (float)G);
-    float mx = -INFINITY;
-    for (int64_t r = 0; r < B * H; r++) {
-        float *s = buf + r * P;
-        for (int64_t j = 0; j < P; j++) {
-            float acc = 0.0f;
-            /* only the neighbours inside [0, P): a huge kernel must not mean a huge loop */
-            const int64_t lo = j - half > 0 ? j - half : 0, hi = j + half < P - 1 ? j + half : P - 1;
-            for (int64_t t = lo; t <= hi; t++)
-                acc += s[t] * norm;
-            tmp[j] = acc / (float)kernel;
-        }
-        for (int64_t j = 0; j < P; j++) {
-            s[j] = tmp[j];
-            mx = s[j] > mx ? s[j] : mx;
-        }
-    }
-    const float window_score = (P > 0 ? mx : 0.0f) + 1.0f;
-    for (int64_t b = 0; b < B; b++) {
-        float *dst = out + b * L;
-        for (int64_t j = 0; j < P; j++) {
-            float acc = 0.0f;
-            for (int64_t g = 0; g < H; g++)
-                acc += buf[(b * H + g) * P + j];
-            dst[j] = acc;
-        }
-        for (int64_t j = P; j < L; j++)
-            dst[j] = window_score * (float)H;
-    }
-}
-
-/* Sum the KV-head rows of scores [B, H, P] into [B, P] (the first B*P floats), in head order. */
-static void sum_heads(float *scores, int64_t B, int64_t H, int64_t P) {
-    for (int64_t b = 0; b < B; b++) {
-        float *acc = scores + b * H * P;
-        for (int64_t g = 1; g < H; g++)
-            for (int64_t j = 0; j < P; j++)
-                acc[j] += acc[g * P + j];
-        memmove(scores + b * P, acc, (size_t)P * sizeof(float));
-    }
-}
-
-ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select_params *params,
-                      ckv_tensor *indices) {
-    static const char op[] = "ckv_select";
+/* indices [B, n] or [B, Hkv, n] (per_head): int64, C-contiguous, on the device of ref. */
+static ckv_status check_select_out(const char *op, const ckv_tensor *indices, int per_head, int64_t B, int64_t H,
+                                   int64_t n, const ckv_tensor *ref, const char *ref_name) {
     ckv_status st;
-    if ((st = check_queries_keys(op, q, k)) || (st = check_params(op, params, q->shape[2], k->shape[2])) ||
-        (st = check_row_starts(op, params->row_starts, k->shape[0], k->shape[2])))
-        return st;
-    const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2];
-    const int64_t P = prefix_length(params, L, q->shape[2]);
-    const int64_t n = ckv_select_count(params, L);
-    const int per_head = params->per_head != 0;
-    const int kvpress = params->method == CKV_METHOD_CHUNKKV_KVPRESS;
     if ((st = check_view(op, "indices", indices, per_head ? 3 : 2)))
         return st;
     if (indices->dtype != CKV_DTYPE_I64)
@@ -390,49 +236,61 @@ ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select
         return ckv_fail(CKV_ERR_SHAPE, "%s: indices must have shape [B, n] = [%lld, %lld]", op, (long long)B,
                         (long long)n);
     }
-    if ((st = check_same_device(op, "indices", indices, q, "queries")) ||
-        (st = check_contiguous_out(op, "indices", indices)))
+    if ((st = check_same_device(op, "indices", indices, ref, ref_name)))
+        return st;
+    return check_contiguous_out(op, "indices", indices);
+}
+
+ckv_status ckv_select(const ckv_tensor *q, const ckv_tensor *k, const ckv_select_params *params,
+                      ckv_tensor *indices) {
+    static const char op[] = "ckv_select";
+    ckv_status st;
+    if ((st = check_queries_keys(op, q, k)) || (st = check_params(op, params, q->shape[2], k->shape[2])) ||
+        (st = check_row_starts(op, params->row_starts, k->shape[0], k->shape[2])))
+        return st;
+    const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2];
+    const int64_t n = ckv_select_count(params, L);
+    const int per_head = params->per_head != 0;
+    if ((st = check_select_out(op, indices, per_head, B, H, n, q, "queries")))
         return st;
     if (numel(indices) == 0)
         return CKV_OK;
-    const int64_t rows = per_head ? B * H : B;
+    return CKV_DISPATCH(q->device, ckv_select, q, k, params, indices);
+}
 
-#ifdef CKV_WITH_CUDA
-    if (q->device == CKV_DEVICE_CUDA)
-        return ckv_select_cuda(q, k, params, resolve_scale(params->scale, k->shape[3]), (int64_t *)indices->data);
-#endif
-    float *scores = NULL, *tmp = NULL;
-    const int need_scores = method_needs_scores(params->method) && (kvpress || (params->budget < L && P > 0));
-    if (need_scores) {
-        /* B and H come from views that may repeat memory (zero strides): B * H * P can overflow */
-        const int64_t per_row = P;
-        if (per_row > 0 && B > (int64_t)(SIZE_MAX / sizeof(float)) / H / per_row)
-            return ckv_fail(CKV_ERR_NOMEM, "%s: %lld x %lld x %lld token scores do not fit in memory", op,
-                            (long long)B, (long long)H, (long long)per_row);
-        scores = malloc((size_t)(B * H * (per_row > 0 ? per_row : 1)) * sizeof(float));
-        tmp = kvpress ? malloc((size_t)(P + B * L + 1) * sizeof(float)) : NULL; /* pooling row + [B, L] */
-        if (!scores || (kvpress && !tmp)) {
-            free(scores);
-            free(tmp);
-            return ckv_fail(CKV_ERR_NOMEM, "%s: could not allocate %lld token scores", op, (long long)(B * H * per_row));
-        }
-        st = ckv_score_cpu(q, k, resolve_scale(params->scale, k->shape[3]), params->row_starts, P, scores);
-        for (int64_t j = 0; st == CKV_OK && j < B * H * P; j++)
-            if (!isfinite(scores[j]))
-                st = ckv_fail(CKV_ERR_VALUE, "%s: token scores are not finite (NaN or Inf in queries or keys)", op);
-        if (st == CKV_OK && kvpress)
-            kvpress_token_scores(scores, B, H, P, L, q->shape[1] / H, q->shape[2], params->pool_kernel, tmp, tmp + P);
-        else if (st == CKV_OK && !per_head)
-            sum_heads(scores, B, H, P);
-    }
-    if (st == CKV_OK && kvpress)
-        st = ckv_select_kvpress_rows_cpu(tmp + P, B, L, params->chunk_size, n / params->chunk_size +
-                                         (n % params->chunk_size != 0), n, (int64_t *)indices->data);
-    else if (st == CKV_OK)
-        st = ckv_select_rows_cpu(scores, rows, P, L, params, per_head ? H : 1, (int64_t *)indices->data);
-    free(scores);
-    free(tmp);
-    return st;
+/* ---------------------------------------------------------------- ckv_select_from_scores */
+
+ckv_status ckv_select_from_scores(const ckv_tensor *scores, int64_t L, const ckv_select_params *params,
+                                  ckv_tensor *indices) {
+    static const char op[] = "ckv_select_from_scores";
+    ckv_status st;
+    if ((st = check_method_params(op, params)))
+        return st;
+    if (params->method != CKV_METHOD_CHUNKKV && params->method != CKV_METHOD_SNAPKV &&
+        params->method != CKV_METHOD_H2O)
+        return ckv_fail(CKV_ERR_VALUE,
+                        "%s: method %d does not select from summed token scores; expected chunkkv (0), snapkv (1) "
+                        "or h2o (4) (streamingllm and random read no scores, chunkkv-kvpress ranks its own)",
+                        op, (int)params->method);
+    const int per_head = params->per_head != 0;
+    if ((st = check_view(op, "scores", scores, per_head ? 3 : 2)))
+        return st;
+    if (scores->dtype != CKV_DTYPE_F32)
+        return ckv_fail(CKV_ERR_DTYPE, "%s: scores must be float32, got %s", op, dtype_name(scores->dtype));
+    if ((st = check_backend(op, scores)) || (st = check_contiguous_out(op, "scores", scores)))
+        return st;
+    const int64_t B = scores->shape[0], H = per_head ? scores->shape[1] : 1, P = scores->shape[scores->ndim - 1];
+    if (L < P || L >= CKV_MAX_DIM)
+        return ckv_fail(CKV_ERR_VALUE, "%s: L = %lld must be in [P = %lld (scores.shape[-1]), 2^31)", op, (long long)L,
+                        (long long)P);
+    if ((st = check_budget(op, params, L - P)) || (st = check_row_starts(op, params->row_starts, B, L)))
+        return st;
+    const int64_t n = ckv_kept_count(params->budget, L);
+    if ((st = check_select_out(op, indices, per_head, B, H, n, scores, "scores")))
+        return st;
+    if (numel(indices) == 0)
+        return CKV_OK;
+    return CKV_DISPATCH(scores->device, ckv_select_from_scores, scores, L, params, indices);
 }
 
 /* ---------------------------------------------------------------- ckv_gather */
@@ -444,6 +302,126 @@ static int same_view(const ckv_tensor *a, const ckv_tensor *b) {
         if (a->strides[i] != b->strides[i])
             return 0;
     return 1;
+}
+
+/* a + b and a * b (a >= 0), saturating at the int64 limits: views from a producer may claim strides
+ * whose byte spans do not fit in int64. */
+static int64_t sat_add(int64_t a, int64_t b) {
+    if (b > 0 && a > INT64_MAX - b)
+        return INT64_MAX;
+    if (b < 0 && a < INT64_MIN - b)
+        return INT64_MIN;
+    return a + b;
+}
+
+static int64_t sat_mul(int64_t a, int64_t b) {
+    if (a == 0 || b == 0)
+        return 0;
+    if (b == INT64_MIN || a > INT64_MAX / (b < 0 ? -b : b))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return a * b;
+}
+
+/* A view's bytes: element i at off + sum(i[d] * stride[d]) (bytes, relative to some base), isz bytes long. */
+typedef struct {
+    int64_t off, isz;
+    int ndim;
+    int64_t shape[CKV_MAX_DIMS], stride[CKV_MAX_DIMS];
+} byte_view;
+
+static byte_view bytes_of(const ckv_tensor *t, const void *base) {
+    byte_view v;
+    v.off = (int64_t)((uintptr_t)t->data - (uintptr_t)base);
+    v.isz = (int64_t)ckv_itemsize(t->dtype);
+    v.ndim = t->ndim;
+    for (int i = 0; i < t->ndim; i++) {
+        v.shape[i] = t->shape[i];
+        v.stride[i] = sat_mul(v.isz, t->strides[i]);
+    }
+    return v;
+}
+
+/* [lo, hi]: the lowest and highest byte the (non-empty) view touches, saturating. */
+static void byte_range(const byte_view *v, int64_t *lo, int64_t *hi) {
+    int64_t neg = 0, pos = 0;
+    for (int i = 0; i < v->ndim; i++) {
+        const int64_t span = sat_mul(v->shape[i] - 1, v->stride[i]);
+        if (span < 0)
+            neg = sat_add(neg, span);
+        else
+            pos = sat_add(pos, span);
+    }
+    *lo = sat_add(v->off, neg);
+    *hi = sat_add(sat_add(v->off, pos), v->isz - 1);
+}
+
+/* Whether two non-empty views share a byte: their byte ranges meet, and halving the view with the
+ * wider range along its widest dimension finds two pieces that still meet, down to single elements.
+ * Pieces whose ranges are apart are dropped at once, so views side by side or interleaved in one
+ * buffer are told apart in about (pieces) steps; past *budget steps the answer is yes (refusing a
+ * safe layout beats corrupting data). */
+static int bytes_meet(const byte_view *a, const byte_view *b, int64_t *budget) {
+    int64_t alo, ahi, blo, bhi;
+    byte_range(a, &alo, &ahi);
+    byte_range(b, &blo, &bhi);
+    if (alo > bhi || blo > ahi)
+        return 0;
+    if (--*budget < 0)
+        return 1;
+    const byte_view *wide = (ahi - alo) >= (bhi - blo) ? a : b, *other = wide == a ? b : a;
+    for (int pass = 0; pass < 2; pass++) {
+        int dim = -1;
+        int64_t best = 0;
+        for (int i = 0; i < wide->ndim; i++) {
+            const int64_t span = sat_mul(wide->shape[i] - 1, wide->stride[i] < 0 ? -wide->stride[i] : wide->stride[i]);
+            if (span > best) /* a dimension of stride 0 repeats one address: nothing to split */
+                dim = i, best = span;
+        }
+        if (dim >= 0) {
+            byte_view lo = *wide, hi = *wide;
+            lo.shape[dim] = wide->shape[dim] / 2;
+            hi.shape[dim] = wide->shape[dim] - lo.shape[dim];
+            hi.off = sat_add(wide->off, sat_mul(lo.shape[dim], wide->stride[dim]));
+            return bytes_meet(&lo, other, budget) || bytes_meet(&hi, other, budget);
+        }
+        const byte_view *t = wide; /* one address: split the other view */
+        wide = other;
+        other = t;
+    }
+    return 1; /* two addresses whose bytes meet */
+}
+
+/* Whether two views share memory (exactly, within a bounded search; see bytes_meet). */
+static int views_overlap(const ckv_tensor *a, const ckv_tensor *b) {
+    if (numel(a) == 0 || numel(b) == 0)
+        return 0;
+    const byte_view va = bytes_of(a, a->data), vb = bytes_of(b, a->data);
+    int64_t budget = (int64_t)1 << 16;
+    return bytes_meet(&va, &vb, &budget);
+}
+
+static ckv_status refuse_overlap(const char *op, const char *out_name, const ckv_tensor *out, const char *name,
+                                 const ckv_tensor *t) {
+    if (!views_overlap(out, t))
+        return CKV_OK;
+    return ckv_fail(CKV_ERR_LAYOUT,
+                    "%s: %s overlaps %s in memory; an output may share memory with an input only as the very same "
+                    "view (same data and strides, cut to n <= L tokens: in-place compaction)", op, out_name, name);
+}
+
+/* An output and the inputs: its own input only as the very same view cut to n <= L tokens (in-place
+ * compaction, which reads each row before writing over it); no overlap with the other input (the
+ * first gather would overwrite what the second reads) or the indices. Checked here, once, for every
+ * backend. */
+static ckv_status check_out_overlap(const char *op, const char *out_name, const ckv_tensor *out, const char *own_name,
+                                    const ckv_tensor *own, const char *other_name, const ckv_tensor *other,
+                                    const ckv_tensor *indices) {
+    ckv_status st;
+    if (!(same_view(out, own) && out->shape[2] <= own->shape[2]) && (st = refuse_overlap(op, out_name, out, own_name, own)))
+        return st;
+    if ((st = refuse_overlap(op, out_name, out, other_name, other)))
+        return st;
+    return refuse_overlap(op, out_name, out, "indices", indices);
 }
 
 static ckv_status check_gather_out(const char *op, const char *name, const ckv_tensor *out, const ckv_tensor *src,
@@ -487,15 +465,6 @@ static ckv_status check_indices_cpu(const char *op, const ckv_tensor *idx, int64
     return CKV_OK;
 }
 
-static ckv_status gather_on_device(const ckv_tensor *src, const ckv_tensor *idx, ckv_tensor *dst, void *stream) {
-#ifdef CKV_WITH_CUDA
-    if (src->device == CKV_DEVICE_CUDA)
-        return ckv_gather_cuda(src, idx, dst, stream);
-#endif
-    (void)stream;
-    return ckv_gather_cpu(src, idx, dst);
-}
-
 ckv_status ckv_gather(const ckv_tensor *keys, const ckv_tensor *values, const ckv_tensor *indices,
                       ckv_tensor *keys_out, ckv_tensor *values_out, void *stream) {
     static const char op[] = "ckv_gather";
@@ -530,15 +499,16 @@ ckv_status ckv_gather(const ckv_tensor *keys, const ckv_tensor *values, const ck
     if ((st = check_gather_out(op, "keys_out", keys_out, keys, n)) ||
         (st = check_gather_out(op, "values_out", values_out, values, n)))
         return st;
-    if (keys_out->data && keys_out->data == values_out->data && numel(keys_out) > 0)
-        return ckv_fail(CKV_ERR_LAYOUT, "%s: keys_out and values_out must not share memory", op);
+    if (views_overlap(keys_out, values_out))
+        return ckv_fail(CKV_ERR_LAYOUT, "%s: keys_out and values_out must not share memory (their bytes overlap)", op);
+    if ((st = check_out_overlap(op, "keys_out", keys_out, "keys", keys, "values", values, indices)) ||
+        (st = check_out_overlap(op, "values_out", values_out, "values", values, "keys", keys, indices)))
+        return st;
     /* indices are checked even when nothing is copied (D = 0): a bad index is an error whatever D is */
     const int in_place = numel(keys_out) > 0 && (same_view(keys, keys_out) || same_view(values, values_out));
     if (keys->device == CKV_DEVICE_CPU && numel(indices) > 0 && (st = check_indices_cpu(op, indices, L, in_place)))
         return st;
     if (numel(keys_out) == 0)
         return CKV_OK;
-    if ((st = gather_on_device(keys, indices, keys_out, stream)))
-        return st;
-    return gather_on_device(values, indices, values_out, stream);
+    return CKV_DISPATCH(keys->device, ckv_gather, keys, values, indices, keys_out, values_out, stream);
 }

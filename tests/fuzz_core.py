@@ -1,5 +1,5 @@
 """Property-based fuzzing of chunkkv's public core ops: select (every method), score, gather,
-compact_ and compress.
+compact_, compress and select_from_scores.
 
 Run as a script (tests/test_hardening.py runs it in a child process, so a crash is a failed test
 with its signal, not a dead test session):
@@ -1098,11 +1098,84 @@ def _compress_case(data):
     assert np.array_equal(raw(ko), gather_ref(k, to_np(idx))) and np.array_equal(raw(vo), gather_ref(v, to_np(idx)))
 
 
+def _select_from_scores_case(data):
+    """select_from_scores: given scores [B, P] or [B, Hkv, P] in any layout and dtype, lengths below P,
+    budgets below the window, methods that do not select from scores, NaN/Inf, bad row starts."""
+    draw = data.draw
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    new_case(draw)
+    invalid = []
+    per_head = draw(st.booleans())
+    B, H, P = draw(st.integers(0, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([0, 1, 2, 7, 30, 129]))
+    shape = (B, H, P) if per_head else (B, P)
+    dtype = draw(opts(st.just("float32"), st.sampled_from(("float16", "bfloat16", "float64", "int64"))))
+    if dtype != "float32":
+        invalid.append("dtype")
+    lib = draw(lib_st())
+    if lib == "meta":
+        lib = "numpy"
+    layout = draw(st.sampled_from(("contiguous", "transposed", "fortran", "sliced", "reversed", "broadcast")))
+    try:
+        scores, held, special = make_input(draw, rng, shape, dtype if dtype != "int64" else "float32", lib, layout)
+        if dtype == "int64":
+            scores = scores.to(torch.int64) if is_torch(scores) else scores.astype(np.int64)
+    except Unbuildable:
+        return
+    w = draw(st.sampled_from([0, 1, 3, 8]))
+    length = P + w
+    if not CLEAN and draw(st.integers(0, 9)) == 0:
+        length = draw(st.sampled_from([P - 1, -1, 2**31])) if P > 0 else -1
+        invalid.append("length")
+    methods = ("chunkkv", "snapkv", "pyramidkv", "h2o")
+    method = draw(opts(st.sampled_from(methods), st.sampled_from(methods + ("streamingllm", "random",
+                                                                             "chunkkv-kvpress", "x"))))
+    if method not in methods:
+        invalid.append("method")
+    budget = draw(st.sampled_from([w, w + 1, w + 5, length, length + 3, 10**12]))
+    if not CLEAN and draw(st.integers(0, 9)) == 0:
+        budget = w - 1
+        invalid.append("budget < w")
+    if special and dtype == "float32" and B > 0 and min(budget, length) > 0:
+        invalid.append("not finite")  # (an empty selection reads no scores)
+    kw = dict(length=length, budget=budget, method=method)
+    if method == "chunkkv":
+        kw["chunk_size"] = draw(opts(st.sampled_from([1, 2, 3, 10, P + 1, 2**62]), st.sampled_from([0, -1])))
+        if kw["chunk_size"] < 1:
+            invalid.append("chunk_size")
+    elif method in ("snapkv", "pyramidkv"):
+        kw["pool_kernel"] = draw(opts(st.sampled_from([1, 3, 5, 2 * P + 1]), st.sampled_from([0, 2, -3])))
+        kw["pool"] = draw(st.sampled_from(["avg", "max"]))
+        if kw["pool_kernel"] < 1 or kw["pool_kernel"] % 2 == 0:
+            invalid.append("pool_kernel")
+    rs, rs_ok = row_starts(draw, B, max(length, 0))
+    if not rs_ok:
+        invalid.append("row_starts")
+    kw["row_starts"] = rs
+    desc = {"op": "select_from_scores", "scores": (list(shape), dtype, lib, layout), "kw": {k: v for k, v in kw.items()
+                                                                                             if k != "row_starts"},
+            "invalid": invalid}
+    record("select_from_scores", desc)
+    snap = snapshot(scores)
+    if invalid:
+        expect_raise(lambda: chunkkv.select_from_scores(scores, **kw), f"select_from_scores {desc}")
+    else:
+        res, err = call(lambda: chunkkv.select_from_scores(scores, **kw))
+        assert err is None, f"select_from_scores raised {type(err).__name__}: {err} on a valid input {desc}"
+        assert same_kind(res, scores)
+        starts = None if rs is None else [int(x) for x in (rs.tolist() if hasattr(rs, "tolist") else rs)]
+        want = ref.select_from_scores(held.astype(np.float32), length, budget=budget,
+                                      method="snapkv" if method == "pyramidkv" else method,
+                                      chunk_size=kw.get("chunk_size", 10), pool_kernel=kw.get("pool_kernel", 1),
+                                      pool=kw.get("pool", "avg"), row_starts=starts)
+        assert np.array_equal(to_np(res), want), f"select_from_scores differs from the reference {desc}"
+    assert unchanged(scores, snap), "select_from_scores modified its scores"
+
+
 # ------------------------------------------------------------------------------------ driver
 
 OPS = {"select": _select_case, "score": _score_case, "gather": _gather_case, "compact_": _compact_case,
-       "compress": _compress_case}
-WEIGHTS = {"select": 3, "score": 2, "gather": 3, "compact_": 2, "compress": 1}
+       "compress": _compress_case, "select_from_scores": _select_from_scores_case}
+WEIGHTS = {"select": 3, "score": 2, "gather": 3, "compact_": 2, "compress": 1, "select_from_scores": 1}
 
 
 def run(examples: int, seed: int, ops=None) -> None:

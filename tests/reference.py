@@ -2,6 +2,7 @@
 
     score(q, k)            float64 token scores per KV head, [B, Hkv, P]
     select(q, k, ...)      kept positions, [B, n] or [B, Hkv, n], for all four methods
+    select_from_scores(s, L, ...)  the same selection from given token scores [B, P] or [B, Hkv, P]
     gather(k, v, idx)      the kept rows, [B, Hkv, n, D]
 
 Inputs are anything np.asarray takes (NumPy arrays; torch tensors go through to_f64 first).
@@ -160,6 +161,8 @@ def select_row(s, L: int, w: int, budget: int, *, method="chunkkv", chunk_size=1
             keep.update(toks)
     elif method == "snapkv":
         keep.update(int(t) for t in _rank(pooled(np.asarray(s), pool_kernel, pool == "max"))[:Bp])
+    elif method == "h2o":  # heavy hitters: the best raw scores, no pooling
+        keep.update(int(t) for t in _rank(np.asarray(s))[:Bp])
     elif method == "streamingllm":
         sinks = min(n_sink, Bp)
         keep.update(range(sinks))
@@ -194,22 +197,42 @@ def select(q, k, *, budget, chunk_size=10, scale=None, per_head=False, method="c
     _, Hkv, L, _ = np.shape(k)
     if budget < w:
         raise ValueError("budget < w")
-    n = min(budget, L)
-    rows = B * Hkv if per_head else B
     needs = method in ("chunkkv", "snapkv") and budget < L
     S = row_scores(q, k, scale=scale, per_head=per_head, token_scores=token_scores,
                    row_starts=row_starts) if needs else None
-    out = np.empty((rows, n), dtype=np.int64)
-    for r in range(rows):
-        start = 0 if row_starts is None else int(row_starts[r // Hkv if per_head else r])
+    out = _select_rows(S, B, Hkv if per_head else 1, L, w, budget, row_starts, method=method,
+                       chunk_size=chunk_size, pool_kernel=pool_kernel, pool=pool, n_sink=n_sink, seed=seed)
+    return out.reshape(B, Hkv, min(budget, L)) if per_head else out
+
+
+def _select_rows(S, B: int, H: int, L: int, w: int, budget: int, row_starts, **method_args) -> np.ndarray:
+    """Selection of each of the B * H rows of S ([B * H, L - w] or None), row r starting at
+    row_starts[r // H]: [B * H, n]."""
+    n, seed = min(budget, L), method_args.pop("seed", 0)
+    out = np.empty((B * H, n), dtype=np.int64)
+    for r in range(B * H):
+        start = 0 if row_starts is None else int(row_starts[r // H])
         if budget >= L - start:
             out[r] = np.arange(L - n, L)
             continue
         sr = None if S is None else S[r][start:]
-        out[r] = start + select_row(sr, L - start, w, budget, method=method, chunk_size=chunk_size,
-                                    pool_kernel=pool_kernel, pool=pool, n_sink=n_sink,
-                                    seed=(seed + _ROW_SEED_STEP * r) & _M64)
-    return out.reshape(B, Hkv, n) if per_head else out
+        out[r] = start + select_row(sr, L - start, w, budget, seed=(seed + _ROW_SEED_STEP * r) & _M64, **method_args)
+    return out
+
+
+def select_from_scores(scores, L: int, *, budget, chunk_size=10, method="chunkkv", pool_kernel=1, pool="avg",
+                       row_starts=None) -> np.ndarray:
+    """select()'s positions from given token scores: [B, P] -> [B, n], [B, Hkv, P] -> [B, Hkv, n]
+    (one selection per head), n = min(budget, L); the window is [P, L). Methods chunkkv, snapkv,
+    h2o; the scores' dtype is kept (float32 scores give the C core's arithmetic)."""
+    s = np.asarray(scores)
+    per_head = s.ndim == 3
+    B, H, P = (s.shape if per_head else (s.shape[0], 1, s.shape[1]))
+    if method not in ("chunkkv", "snapkv", "h2o") or budget < L - P:
+        raise ValueError((method, budget, L, P))
+    out = _select_rows(s.reshape(B * H, P), B, H, L, L - P, budget, row_starts, method=method,
+                       chunk_size=chunk_size, pool_kernel=pool_kernel, pool=pool)
+    return out.reshape(B, H, min(budget, L)) if per_head else out
 
 
 def gather(keys, values, indices):

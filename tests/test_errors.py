@@ -37,6 +37,15 @@ def gat(k=K, v=V, idx=IDX, **kw):
     return lambda: chunkkv.gather(k, v, idx, **kw)
 
 
+S = np.full((B, L - W), 0.5, np.float32)
+
+
+def sfs(s=S, **kw):
+    kw.setdefault("budget", 8)
+    kw.setdefault("length", L)
+    return lambda: chunkkv.select_from_scores(s, **kw)
+
+
 def with_value(a, index, value):
     a = a.copy()
     a[index] = value
@@ -110,6 +119,29 @@ CASES = [
     ("nan-key-snapkv", sel(k=with_value(K, (0, 0, 0, 0), np.nan), method="snapkv"), ValueError, "not finite"),
     ("inf-key-float16", sel(k=with_value(K, (0, 0, 5, 5), np.inf).astype(np.float16)), ValueError, "not finite"),
     ("nan-query-float16", sel(q=with_value(Q, (0, 3, 1, 1), np.nan).astype(np.float16)), ValueError,
+     "not finite"),
+    # select_from_scores
+    ("sfs-method-streamingllm", sfs(method="streamingllm"), ValueError, "method"),
+    ("sfs-method-random", sfs(method="random"), ValueError, "method"),
+    ("sfs-method-kvpress", sfs(method="chunkkv-kvpress"), ValueError, "method"),
+    ("sfs-method-unknown", sfs(method="nope"), ValueError, "method"),
+    ("sfs-scores-rank-1", sfs(s=S[0]), ValueError, "scores"),
+    ("sfs-scores-rank-4", sfs(s=S[None, None]), ValueError, "scores"),
+    ("sfs-scores-float64", sfs(s=S.astype(np.float64)), TypeError, "scores"),
+    ("sfs-scores-float16", sfs(s=S.astype(np.float16)), TypeError, "scores"),
+    ("sfs-scores-list", sfs(s=S.tolist()), TypeError, "scores"),
+    ("sfs-length-below-prefix", sfs(length=L - W - 1), ValueError, "L = "),
+    ("sfs-length-negative", sfs(length=-1), ValueError, "length"),
+    ("sfs-length-float", sfs(length=20.0), TypeError, "length"),
+    ("sfs-budget-below-window", sfs(budget=W - 1), ValueError, "budget"),
+    ("sfs-budget-float", sfs(budget=8.0), TypeError, "budget"),
+    ("sfs-chunk-zero", sfs(chunk_size=0), ValueError, "chunk_size"),
+    ("sfs-pool-kernel-even", sfs(method="snapkv", pool_kernel=2), ValueError, "pool.kernel"),
+    ("sfs-pool-unknown", sfs(method="snapkv", pool="mean"), ValueError, "pool"),
+    ("sfs-row-starts-range", sfs(row_starts=[0, L + 1]), ValueError, "row_starts"),
+    ("sfs-row-starts-length", sfs(row_starts=[0]), ValueError, "row_starts"),
+    ("sfs-nan", sfs(s=with_value(S, (1, 3), np.nan)), ValueError, "not finite"),
+    ("sfs-inf-per-head", sfs(s=with_value(np.zeros((B, HKV, L - W), np.float32), (0, 1, 0), -np.inf)), ValueError,
      "not finite"),
     # gather
     ("gather-keys-rank", gat(k=f32(B, HKV, L)), ValueError, "keys"),
@@ -190,3 +222,17 @@ def test_torch_errors():
     with pytest.raises(TypeError, match="values_out"):
         chunkkv.gather(tk, tv, torch.from_numpy(IDX), out=(torch.zeros(B, HKV, 3, D),
                                                             torch.zeros(B, HKV, 3, D, dtype=torch.float16)))
+
+
+def test_select_from_scores_core_refuses_strided_scores():
+    """The core reads given scores as rows of P floats: a strided view is a layout error there
+    (chunkkv.select_from_scores passes a contiguous copy), and nothing is written."""
+    from chunkkv import _C
+
+    wide = np.zeros((B, 2 * (L - W)), np.float32)
+    out = np.full((B, 8), -7, np.int64)
+    with pytest.raises(ValueError, match="scores must be C-contiguous"):
+        _C.select_from_scores(wide[:, ::2].__dlpack__(), out.__dlpack__(), L, method=0, budget=8)
+    assert (out == -7).all()
+    with pytest.raises(ValueError, match="indices must have shape"):
+        _C.select_from_scores(S.__dlpack__(), np.zeros((B, 9), np.int64).__dlpack__(), L, method=0, budget=8)

@@ -192,3 +192,104 @@ def test_gather_keys_and_values_may_be_one_tensor():
     idx = np.array([[8, 0, 4, 4]])
     ok, ov = chunkkv.gather(k, k, idx)
     assert np.array_equal(ok, ov) and np.array_equal(ok, ref.gather(k, k, idx)[0])
+
+
+# ------------------------------------------------------------------ outputs overlapping inputs (issue 20)
+
+
+def overlap_cases():
+    """(name, keys, values, indices, keys_out, values_out, buffers): outputs that share memory with an
+    input, or with each other, other than as the very same view. Each would be computed from data the
+    call itself has already overwritten."""
+    B, H, L, D, n = 2, 3, 12, 4, 5
+    rng = np.random.default_rng(20)
+    idx = np.stack([np.sort(rng.choice(L, size=n, replace=False)) for _ in range(B)]).astype(np.int64)
+    idx[:, 0] = 0  # a row read from where a shifted output writes first
+    cases = []
+
+    buf = rng.standard_normal((B, H, L + 1, D)).astype(np.float32)
+    v = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    cases.append(("keys_out shifted one token after keys", buf[:, :, :L], v, idx, buf[:, :, 1:n + 1],
+                  np.zeros((B, H, n, D), np.float32), [buf, v]))
+    buf = rng.standard_normal((B, H, L + 1, D)).astype(np.float32)
+    v = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    cases.append(("keys_out shifted one token before keys", buf[:, :, 1:], v, idx, buf[:, :, :n],
+                  np.zeros((B, H, n, D), np.float32), [buf, v]))
+    buf = rng.standard_normal((B, H, L, D + 2)).astype(np.float32)
+    v = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    cases.append(("keys_out shifted along D", buf[..., :D], v, idx, buf[:, :, :n, 2:],
+                  np.zeros((B, H, n, D), np.float32), [buf, v]))
+    # keys_out lying over the end of values: gathering keys first overwrites values' last rows
+    k = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    buf = rng.standard_normal((B, H, L + n, D)).astype(np.float32)
+    cases.append(("keys_out over the end of values", k, buf[:, :, :L], idx, buf[:, :, L - 2:L - 2 + n],
+                  np.zeros((B, H, n, D), np.float32), [k, buf]))
+    # keys_out the very same view as values (not as keys): keys land on values before they are read
+    k = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    v = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    cases.append(("keys_out is values' front", k, v, idx, v[:, :, :n], np.zeros((B, H, n, D), np.float32), [k, v]))
+    # the two outputs partly over each other
+    k = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    v = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    ob = np.zeros((B, H, n + 1, D), np.float32)
+    cases.append(("values_out shifted over keys_out", k, v, idx, ob[:, :, :n], ob[:, :, 1:], [k, v, ob]))
+    # an output over the indices themselves
+    k = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    v = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    ko = np.zeros((B, H, n, D), np.float32)
+    shared_idx = ko.reshape(-1).view(np.int64)[: B * n].reshape(B, n)
+    shared_idx[...] = idx
+    cases.append(("keys_out over indices", k, v, shared_idx, ko, np.zeros((B, H, n, D), np.float32), [k, v, ko]))
+    # in place, but the view is not the same: compaction into keys with another token stride
+    buf = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    v = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    cases.append(("keys_out every other token of keys", buf, v, idx[:, :3] * 0 + np.array([0, 1, 2]), buf[:, :, 0:6:2],
+                  np.zeros((B, H, 3, D), np.float32), [buf, v]))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(overlap_cases())), ids=[c[0] for c in overlap_cases()])
+def test_overlapping_outputs_are_refused(case):
+    """Issue 20: only the very same view may be compacted in place; any other overlap of an output
+    with an input or with the other output is a layout error, and nothing is written."""
+    name, k, v, idx, ko, vo, buffers = overlap_cases()[case]
+    before = [b.copy() for b in buffers]
+    with pytest.raises(ValueError, match="overlap|share memory"):
+        chunkkv.gather(k, v, idx, out=(ko, vo))
+    for b, b0 in zip(buffers, before):
+        assert np.array_equal(b, b0), f"{name}: written before the error"
+
+
+def test_overlap_check_allows_what_is_safe():
+    """In place on keys only, on values only; keys and values as one tensor or interleaved in one
+    buffer (inputs may overlap each other); outputs side by side in one buffer."""
+    rng = np.random.default_rng(21)
+    B, H, L, D, n = 2, 2, 10, 4, 4
+    idx = np.array([[0, 3, 4, 9], [1, 2, 5, 8]], np.int64)
+    kv = rng.standard_normal((B, H, L, 2, D)).astype(np.float32)
+    k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+    want_k, want_v = ref.gather(k.copy(), v.copy(), idx)
+    side = np.zeros((B, H, 2 * n, D), np.float32)
+    ok, ov = chunkkv.gather(k, v, idx, out=(side[:, :, :n], side[:, :, n:]))
+    assert np.array_equal(ok, want_k) and np.array_equal(ov, want_v)
+    k2, v2 = k.copy(), v.copy()
+    ok, ov = chunkkv.gather(k2, v2, idx, out=(k2[:, :, :n], np.zeros((B, H, n, D), np.float32)))
+    assert np.array_equal(ok, want_k) and np.array_equal(ov, want_v)
+    k2, v2 = k.copy(), v.copy()
+    ok, ov = chunkkv.gather(k2, v2, idx, out=(np.zeros((B, H, n, D), np.float32), v2[:, :, :n]))
+    assert np.array_equal(ok, want_k) and np.array_equal(ov, want_v)
+    ok, ov = chunkkv.gather(k, k, idx)
+    assert np.array_equal(ok, want_k) and np.array_equal(ov, want_k)
+    kv2 = kv.copy()  # keys and values interleaved in one buffer, both compacted in place
+    ck, cv = chunkkv.compact_(kv2[:, :, :, 0], kv2[:, :, :, 1], idx)
+    assert np.shares_memory(ck, kv2) and np.array_equal(ck, want_k) and np.array_equal(cv, want_v)
+
+
+def test_overlapping_torch_views_are_refused():
+    need_torch()
+    buf = torch.randn(1, 2, 9, 4)
+    before = buf.clone()
+    with pytest.raises(ValueError, match="overlap"):
+        chunkkv.gather(buf[:, :, :8], torch.randn(1, 2, 8, 4), torch.tensor([[0, 1, 5]]),
+                       out=(buf[:, :, 1:4], torch.zeros(1, 2, 3, 4)))
+    assert torch.equal(buf, before)

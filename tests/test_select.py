@@ -341,3 +341,148 @@ def test_torch_and_numpy_agree():
     got = chunkkv.select(qb, kb, budget=64)
     assert np.array_equal(got.numpy(), ref.select(ref.to_f64(qb), ref.to_f64(kb), budget=64,
                                                   token_scores=chunkkv.score(qb, kb).numpy()))
+
+
+# ------------------------------------------------------------------ select_from_scores
+
+SCORE_METHODS = ("chunkkv", "snapkv")  # h2o has its own test: its scores come from every prompt query
+
+
+def summed(sC: np.ndarray, per_head: bool) -> np.ndarray:
+    """What select ranks: the per-head scores, or their float32 sum in head order (as a rank holds
+    them after an all-reduce in that order)."""
+    return sC if per_head else ref.sum_heads(sC)
+
+
+@pytest.mark.parametrize("case", range(200))
+def test_select_from_scores_equals_select(case):
+    """select_from_scores(score(q, k) summed over heads) == select(q, k), and == the reference, on the
+    random cases of test_select_random (row_starts, per_head, every dtype and layout, chunk edges)."""
+    rng = np.random.default_rng([303, case])
+    (q, q64, k, k64), args, starts = random_case(rng)
+    if args["method"] not in SCORE_METHODS:
+        args = dict(budget=args["budget"], per_head=args["per_head"], method="chunkkv",
+                    chunk_size=pick_chunk(rng, k64.shape[2] - q64.shape[2]))
+    per_head, scale = args.pop("per_head"), args.pop("scale", None)
+    L, w = k64.shape[2], q64.shape[2]
+    want = to_numpy(chunkkv.select(q, k, per_head=per_head, scale=scale, row_starts=starts, **args))
+    S = summed(to_numpy(chunkkv.score(q, k, scale=scale, row_starts=starts)), per_head)
+    if type(k).__module__.startswith("torch"):
+        import torch
+
+        S = torch.from_numpy(S)
+    before = bits(S)
+    got = chunkkv.select_from_scores(S, length=L, row_starts=starts, **args)
+    assert type(got) is type(S)
+    got = to_numpy(got)
+    check_invariants(got, *k64.shape[:2], L, w, args["budget"], per_head, starts)
+    assert np.array_equal(got, want), "differs from select on the same queries and keys"
+    assert np.array_equal(got, ref.select_from_scores(to_numpy(S), L, row_starts=starts, **args))
+    assert np.array_equal(bits(S), before), "scores changed"
+
+
+@pytest.mark.parametrize("case", range(60))
+def test_select_from_scores_tied_scores(case):
+    """Scores drawn from a few values (ties everywhere: tokens, chunks, pooled values) against the
+    reference, with multi-chunk prefixes, short last chunks, row_starts, per_head and both pools."""
+    rng = np.random.default_rng([304, case])
+    B, H = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    P = int(rng.integers(1, 120))
+    L = P + int(rng.choice([0, 1, 3, int(rng.integers(0, 20))]))
+    per_head = bool(rng.random() < 0.4)
+    shape = (B, H, P) if per_head else (B, P)
+    S = rng.integers(0, int(rng.choice([1, 2, 4])), size=shape).astype(np.float32) * np.float32(0.25)
+    method = str(rng.choice(["chunkkv", "snapkv", "h2o"]))
+    budget = int(rng.choice([L - P, L - P + 1, L - 1, L, L + 5, int(rng.integers(L - P, L + 1))]))
+    budget = max(budget, L - P)
+    args = dict(budget=budget, method=method)
+    if method == "chunkkv":
+        args["chunk_size"] = int(rng.choice([1, 2, 3, 7, 10, P, P + 1, 10**12]))
+    elif method == "snapkv":
+        args["pool_kernel"] = int(rng.choice([1, 3, 5, 2 * P + 1]))
+        args["pool"] = str(rng.choice(["avg", "max"]))
+    starts = [int(s) for s in rng.integers(0, L + 1, size=B)] if rng.random() < 0.3 else None
+    got = chunkkv.select_from_scores(S, length=L, row_starts=starts, **args)
+    assert np.array_equal(got, ref.select_from_scores(S, L, row_starts=starts, **args))
+    if min(budget, L) > 0:
+        check_invariants(got, B, H, L, L - P, budget, per_head, starts)
+
+
+def test_select_from_scores_ties_go_to_lower_positions():
+    P, L = 23, 26
+    for per_head in (False, True):
+        S = np.zeros((2, 3, P) if per_head else (2, P), np.float32)
+        for method, c in (("chunkkv", 4), ("chunkkv", 5), ("snapkv", 1), ("h2o", 1)):
+            for Bp in (0, 1, 4, 6, 9, P - 1):
+                got = chunkkv.select_from_scores(S, length=L, budget=Bp + L - P, method=method, chunk_size=c)
+                want = np.r_[np.arange(Bp), np.arange(P, L)]
+                assert np.array_equal(got.reshape(-1, Bp + L - P), np.broadcast_to(want, (got.size // len(want),
+                                                                                          len(want))))
+
+
+def test_select_from_scores_h2o_equals_select():
+    """H2O: scores of every prompt query over P = L - window, summed over heads."""
+    rng = np.random.default_rng(5)
+    for B, Hkv, G, L, window, budget in ((2, 2, 2, 50, 6, 20), (1, 3, 1, 37, 1, 1), (3, 1, 4, 64, 8, 63)):
+        q = rng.standard_normal((B, Hkv * G, L, 16)).astype(np.float32)
+        k = rng.standard_normal((B, Hkv, L, 16)).astype(np.float32)
+        starts = [int(s) for s in rng.integers(0, L // 2, size=B)]
+        for per_head in (False, True):
+            for rs in (None, starts):
+                want = chunkkv.select(q, k, budget=budget, method="h2o", window=window, per_head=per_head,
+                                      row_starts=rs)
+                S = summed(chunkkv.score(q, k, prefix=L - window, row_starts=rs), per_head)
+                got = chunkkv.select_from_scores(S, length=L, budget=budget, method="h2o", row_starts=rs)
+                assert np.array_equal(got, want)
+                assert np.array_equal(got, ref.select_from_scores(S, L, budget=budget, method="h2o", row_starts=rs))
+
+
+def test_select_from_scores_edges():
+    rng = np.random.default_rng(6)
+    S = rng.random((2, 30)).astype(np.float32)
+    # no window (L == P): the whole budget goes to the prefix
+    got = chunkkv.select_from_scores(S, length=30, budget=7, chunk_size=3)
+    assert got.shape == (2, 7) and np.array_equal(got, ref.select_from_scores(S, 30, budget=7, chunk_size=3))
+    # budget == w keeps the window only; budget >= L keeps everything
+    assert np.array_equal(chunkkv.select_from_scores(S, length=34, budget=4), np.broadcast_to(np.arange(30, 34), (2, 4)))
+    for budget in (34, 35, 10**15):
+        assert np.array_equal(chunkkv.select_from_scores(S, length=34, budget=budget),
+                              np.broadcast_to(np.arange(34), (2, 34)))
+    # an empty prefix, an empty batch, an empty selection
+    assert np.array_equal(chunkkv.select_from_scores(np.zeros((2, 0), np.float32), length=5, budget=5),
+                          np.broadcast_to(np.arange(5), (2, 5)))
+    assert chunkkv.select_from_scores(np.zeros((0, 3, 9), np.float32), length=12, budget=4).shape == (0, 3, 4)
+    assert chunkkv.select_from_scores(np.zeros((2, 9), np.float32), length=9, budget=0).shape == (2, 0)
+    # a row that is all padding, a row that starts at 0
+    got = chunkkv.select_from_scores(S, length=34, budget=10, row_starts=[34, 0])
+    assert np.array_equal(got[0], np.arange(24, 34))
+    assert np.array_equal(got, ref.select_from_scores(S, 34, budget=10, row_starts=[34, 0]))
+
+
+def test_select_from_scores_tensor_parallel():
+    """Two simulated tensor-parallel ranks score their own KV heads, all-reduce (sum) the per-token
+    scores and select: both ranks get the same positions, exactly what the reference selects from
+    the reduced scores, and what one process selects unless a near-tie (the reduction adds in
+    another order) parts them."""
+    need_torch()
+    import torch
+
+    rng = np.random.default_rng(7)
+    B, Hkv, G, w, L, D = 2, 4, 2, 8, 400, 32
+    q = torch.from_numpy(rng.standard_normal((B, Hkv * G, w, D)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((B, Hkv, L, D)).astype(np.float32))
+    partial = [chunkkv.score(q[:, r * G * 2:(r + 1) * G * 2], k[:, r * 2:(r + 1) * 2]).sum(1) for r in range(2)]
+    reduced = partial[0] + partial[1]
+    picks = [chunkkv.select_from_scores(reduced.clone(), length=L, budget=64, chunk_size=10) for _ in range(2)]
+    assert torch.equal(picks[0], picks[1])
+    assert np.array_equal(picks[0].numpy(), ref.select_from_scores(reduced.numpy(), L, budget=64, chunk_size=10))
+    single = chunkkv.select(q, k, budget=64, chunk_size=10)
+    s64 = ref.sum_heads(ref.score(q, k))
+    for b in range(B):
+        if not torch.equal(single[b], picks[0][b]):
+            gap = ref.first_divergence(s64[b], reduced[b].numpy(), L, w, 64, chunk_size=10)
+            assert gap is not None and gap <= NEAR_TIE
+    # a non-contiguous view of the scores is read as the values it shows
+    wide = torch.zeros(B, 2 * (L - w))
+    wide[:, ::2] = reduced
+    assert torch.equal(chunkkv.select_from_scores(wide[:, ::2], length=L, budget=64), picks[0])

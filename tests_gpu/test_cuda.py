@@ -525,6 +525,37 @@ def test_compact_in_place(case):
     assert np.array_equal(f64(k)[:, :, n:], k64[:, :, n:]) and np.array_equal(f64(v)[:, :, n:], v64[:, :, n:])
 
 
+@pytest.mark.parametrize("case", range(60))
+def test_select_from_scores_matches_select_and_cpu(case):
+    """select_from_scores on the GPU's own head sums == select on the GPU; == the CPU core on the
+    same scores (both exact: the selection logic alone)."""
+    rng = np.random.default_rng([905, case])
+    B, Hkv, G, D, L, w = random_shape(rng, cost=8e5)
+    q, k = random_qk(rng, B, Hkv, G, D, L, w)
+    args = random_select_args(rng, L, w)
+    if args["method"] not in ("chunkkv", "snapkv"):
+        args = dict(budget=args["budget"], per_head=args["per_head"], method="chunkkv")
+    per_head, scale = args.pop("per_head"), args.pop("scale", None)
+    starts = random_starts(rng, B, L, p=0.3)
+    want = chunkkv.select(q, k, per_head=per_head, scale=scale, row_starts=starts, **args)
+    s = chunkkv.score(q, k, scale=scale, row_starts=starts)
+    S = s if per_head else torch.from_numpy(ref.sum_heads(np_of(s))).to(DEV)
+    got = chunkkv.select_from_scores(S, length=L, row_starts=starts, **args)
+    assert got.is_cuda and torch.equal(got, want)
+    cpu = chunkkv.select_from_scores(S.cpu(), length=L, row_starts=starts, **args)
+    assert torch.equal(got.cpu(), cpu)
+
+
+def test_overlapping_outputs_are_refused_on_cuda():
+    """Issue 20: a shifted view of keys as keys_out is refused (before, the in-place kernel ran on it)."""
+    buf = torch.randn(1, 2, 9, 4, device=DEV)
+    before = buf.clone()
+    with pytest.raises(ValueError, match="overlap"):
+        chunkkv.gather(buf[:, :, :8], torch.randn(1, 2, 8, 4, device=DEV), torch.tensor([[0, 1, 5]], device=DEV),
+                       out=(buf[:, :, 1:4], torch.zeros(1, 2, 3, 4, device=DEV)))
+    assert torch.equal(buf, before)
+
+
 def test_gather_out_of_range_indices_write_zeros():
     """The host cannot check device indices without a sync: out-of-range rows come out as zeros."""
     k = torch.arange(2 * 2 * 10 * 4, dtype=torch.float32, device=DEV).reshape(2, 2, 10, 4) + 1

@@ -5,13 +5,14 @@
  * D are moved with memmove (one call per row); others element by element.
  * In-place compaction (dst is src) is safe because ops.c has checked that
  * every row of indices increases strictly: row t is read from a position
- * >= t before anything is written there.
+ * >= t before anything is written there (and that no output overlaps an
+ * input otherwise).
  */
 #include <string.h>
 
-#include "../core.h"
+#include "../backend.h"
 
-ckv_status ckv_gather_cpu(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst) {
+static void gather_one(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst) {
     const int64_t B = src->shape[0], H = src->shape[1], D = src->shape[3];
     const int64_t n = dst->shape[2];
     const int per_head = indices->ndim == 3;
@@ -40,5 +41,12 @@ ckv_status ckv_gather_cpu(const ckv_tensor *src, const ckv_tensor *indices, ckv_
             }
         }
     }
+}
+
+ckv_status ckv_gather_cpu(const ckv_tensor *keys, const ckv_tensor *values, const ckv_tensor *indices,
+                          ckv_tensor *keys_out, ckv_tensor *values_out, void *stream) {
+    (void)stream;
+    gather_one(keys, indices, keys_out);
+    gather_one(values, indices, values_out);
     return CKV_OK;
 }

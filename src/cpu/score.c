@@ -15,11 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-#include "../core.h"
+#include "../backend.h"
 #include "half.h"
 #include "simd.h"
 
@@ -208,8 +205,30 @@ static void score_block(const ckv_tensor *q, const ckv_tensor *k, int64_t b, int
     }
 }
 
+/* The (b, g) tasks of one ckv_score_cpu call. */
+typedef struct {
+    const ckv_tensor *q, *k;
+    float scale;
+    const int64_t *row_starts;
+    int64_t P, H, G, w, block, nh;
+    float *scores;
+} score_job;
+
+static void score_task(void *ctx, int64_t task, void *scratch) {
+    const score_job *job = ctx;
+    const int64_t H = job->H, G = job->G, w = job->w, block = job->block, nh = job->nh, P = job->P;
+    float *out = job->scores + task * P;
+    const int64_t start = job->row_starts ? job->row_starts[task / H] : 0;
+    memset(out, 0, (size_t)P * sizeof *out);
+    for (int64_t i0 = 0; i0 < w; i0 += block)
+        for (int64_t h0 = 0; h0 < G; h0 += nh)
+            score_block(job->q, job->k, task / H, task % H, h0, G - h0 < nh ? G - h0 : nh, job->scale, start, i0,
+                        w - i0 < block ? w - i0 : block, P, out, scratch);
+}
+
 ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, const int64_t *row_starts,
-                         int64_t P, float *scores) {
+                         ckv_tensor *scores, void *stream) {
+    (void)stream;
     const int64_t H = k->shape[1], L = k->shape[2], D = k->shape[3];
     const int64_t w = q->shape[2], G = q->shape[1] / H;
     const int64_t block = w < CKV_QUERY_BLOCK ? w : CKV_QUERY_BLOCK;
@@ -218,33 +237,9 @@ ckv_status ckv_score_cpu(const ckv_tensor *q, const ckv_tensor *k, float scale, 
     int64_t nh = CKV_NUMER_FLOATS / (block * L);
     nh = nh < 1 ? 1 : nh > G ? G : nh;
     const int64_t tasks = k->shape[0] * H;
+    const score_job job = {q, k, ckv_scale_or_default(scale, D), row_starts, scores->shape[2], H, G, w, block, nh,
+                           (float *)scores->data};
     const size_t per_task = task_scratch(nh * block, L, D);
     const int nthreads = ckv_threads_for(tasks, (double)tasks * (double)(G * w) * (double)L * (double)D);
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        /* one scratch buffer per thread, reused across its tasks */
-        float *scratch = malloc(per_task * sizeof(float));
-        if (!scratch) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < tasks; task++) {
-            if (!scratch)
-                continue;
-            float *out = scores + task * P;
-            const int64_t start = row_starts ? row_starts[task / H] : 0;
-            memset(out, 0, (size_t)P * sizeof *out);
-            for (int64_t i0 = 0; i0 < w; i0 += block)
-                for (int64_t h0 = 0; h0 < G; h0 += nh)
-                    score_block(q, k, task / H, task % H, h0, G - h0 < nh ? G - h0 : nh, scale, start, i0,
-                                w - i0 < block ? w - i0 : block, P, out, scratch);
-        }
-        free(scratch);
-    }
-    if (failed)
-        return ckv_fail(CKV_ERR_NOMEM, "ckv_score: could not allocate %zu bytes of scratch per thread",
-                        per_task * sizeof(float));
-    return CKV_OK;
+    return ckv_parallel_tasks("ckv_score", tasks, nthreads, per_task * sizeof(float), score_task, (void *)&job);
 }

@@ -1,15 +1,17 @@
 /*
- * select.c -- which positions each row keeps, from its token scores.
+ * select.c -- which positions each row keeps, from its token scores: ckv_select_cpu (score, check,
+ * pool or sum heads, select) and ckv_select_from_scores_cpu (select from given scores).
  *
  * Every method marks the positions it keeps in a byte mask over [0, L) and
  * the mask is written out in ascending order, so all rows come out sorted.
  * The observation window [P, L) is always kept; the methods differ in how
  * they spend the prefix budget Bp = budget - w.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "../core.h"
+#include "../backend.h"
 
 /* A ranked candidate: higher score first, ties to the lower position. */
 typedef struct {
@@ -39,7 +41,7 @@ static void keep_best_tokens(const float *scores, int64_t first, int64_t n, int6
 static void select_chunkkv(const float *s, int64_t P, int64_t Bp, int64_t c, ranked *tmp, unsigned char *keep) {
     if (c > P) /* one chunk holds the whole prefix; also keeps P + c - 1 and lo + c from overflowing */
         c = P;
-    const int64_t nchunks = (P + c - 1) / c;
+    const int64_t nchunks = ckv_chunk_count(P, c);
     ranked *chunks = tmp;            /* [nchunks] */
     ranked *tokens = tmp + nchunks;  /* [c] */
     for (int64_t m = 0; m < nchunks; m++) {
@@ -115,7 +117,7 @@ static void select_row(const float *s, int64_t P, int64_t L, const ckv_select_pa
     case CKV_METHOD_H2O: /* heavy hitters: the best Bp column sums (no pooling) */
         keep_best_tokens(s, 0, P, Bp, tmp, keep);
         break;
-    case CKV_METHOD_CHUNKKV_KVPRESS: /* handled by ckv_select_kvpress_rows_cpu */
+    case CKV_METHOD_CHUNKKV_KVPRESS: /* handled by select_kvpress_rows */
         break;
     case CKV_METHOD_STREAMINGLLM: {
         /* the first sinks, then the most recent tokens up to the budget */
@@ -130,97 +132,204 @@ static void select_row(const float *s, int64_t P, int64_t L, const ckv_select_pa
     }
 }
 
-ckv_status ckv_select_rows_cpu(const float *scores, int64_t rows, int64_t P, int64_t L,
-                               const ckv_select_params *params, int64_t rows_per_start, int64_t *out) {
-    const int64_t n = ckv_kept_count(params->budget, L);
+/* Threads for selecting rows of L tokens. */
+static int select_threads(int64_t rows, int64_t L) { return ckv_threads_for(rows, 16.0 * (double)rows * (double)L); }
+
+/* One selection per row of scores [rows, P] (NULL for score-free methods) into out [rows, n]. */
+typedef struct {
+    const float *scores;
+    int64_t P, L, n, rows_per_start;
+    size_t nranked;
+    const ckv_select_params *params;
+    int64_t *out;
+} rows_job;
+
+static void select_one_row(void *ctx, int64_t r, void *buf) {
+    const rows_job *job = ctx;
+    const ckv_select_params *params = job->params;
+    const int64_t P = job->P, L = job->L, n = job->n;
+    int64_t *dst = job->out + r * n;
+    const int64_t start = params->row_starts ? params->row_starts[r / job->rows_per_start] : 0;
+    if (params->budget >= L - start) {
+        /* the row has no more than n tokens: keep them all; padding fills the leading slots */
+        for (int64_t t = 0; t < n; t++)
+            dst[t] = L - n + t;
+        return;
+    }
+    /* from here the row's own tokens [start, L) hold more than budget >= w: its prefix is non-empty */
+    ranked *tmp = (ranked *)buf;
+    float *pooled = (float *)(tmp + job->nranked);
+    unsigned char *keep = (unsigned char *)(pooled + P);
+    const uint64_t seed = params->seed + 0x632be59bd9b4e019ull * (uint64_t)r;
+    select_row(job->scores ? job->scores + r * P + start : NULL, P - start, L - start, params, seed, tmp, pooled, keep);
+    int64_t t = 0;
+    for (int64_t j = 0; j < L - start && t < n; j++)
+        if (keep[j])
+            dst[t++] = start + j;
+}
+
+/* rows_per_start: row r starts at params->row_starts[r / rows_per_start]. */
+static ckv_status select_rows(const float *scores, int64_t rows, int64_t P, int64_t L,
+                              const ckv_select_params *params, int64_t rows_per_start, int64_t *out) {
     /* scratch: a mask over L, ranked entries for up to P + c + 1 candidates, pooled scores [P];
      * select_chunkkv clamps c to the row's prefix, so c <= P here too (a huge chunk_size would
      * otherwise overflow this size or ask for terabytes) */
     const int64_t c = params->chunk_size < P ? params->chunk_size : P;
-    const size_t nranked = (size_t)(P + c + 1);
-    const size_t bytes = (size_t)L + nranked * sizeof(ranked) + (size_t)P * sizeof(float);
-    const int nthreads = ckv_threads_for(rows, 16.0 * (double)rows * (double)L);
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        char *buf = malloc(bytes);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t *dst = out + r * n;
-            const int64_t start = params->row_starts ? params->row_starts[r / rows_per_start] : 0;
-            if (!buf)
-                continue;
-            if (params->budget >= L - start) {
-                /* the row has no more than n tokens: keep them all; padding fills the leading slots */
-                for (int64_t t = 0; t < n; t++)
-                    dst[t] = L - n + t;
-                continue;
-            }
-            /* from here the row's own tokens [start, L) hold more than budget >= w: its prefix is non-empty */
-            ranked *tmp = (ranked *)buf;
-            float *pooled = (float *)(tmp + nranked);
-            unsigned char *keep = (unsigned char *)(pooled + P);
-            const uint64_t seed = params->seed + 0x632be59bd9b4e019ull * (uint64_t)r;
-            select_row(scores ? scores + r * P + start : NULL, P - start, L - start, params, seed, tmp, pooled, keep);
-            int64_t t = 0;
-            for (int64_t j = 0; j < L - start && t < n; j++)
-                if (keep[j])
-                    dst[t++] = start + j;
-        }
-        free(buf);
-    }
-    if (failed)
-        return ckv_fail(CKV_ERR_NOMEM, "ckv_select: could not allocate %zu bytes of scratch per thread", bytes);
-    return CKV_OK;
+    const rows_job job = {scores, P, L, ckv_kept_count(params->budget, L), rows_per_start, (size_t)(P + c + 1), params,
+                          out};
+    const size_t bytes = (size_t)L + job.nranked * sizeof(ranked) + (size_t)P * sizeof(float);
+    return ckv_parallel_tasks("ckv_select", rows, select_threads(rows, L), bytes, select_one_row, (void *)&job);
 }
 
-ckv_status ckv_select_kvpress_rows_cpu(const float *token_scores, int64_t rows, int64_t L, int64_t c,
-                                       int64_t n_keep, int64_t n, int64_t *out) {
-    const int64_t nchunks = (L + c - 1) / c;
-    const size_t bytes = (size_t)nchunks * sizeof(ranked) + (size_t)L;
-    int failed = 0;
-    const int nthreads = ckv_threads_for(rows, 16.0 * (double)rows * (double)L);
-#pragma omp parallel num_threads(nthreads)
-    {
-        char *buf = malloc(bytes);
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < rows; r++) {
-            if (!buf)
-                continue;
-            ranked *chunks = (ranked *)buf;
-            unsigned char *keep = (unsigned char *)(chunks + nchunks);
-            const float *s = token_scores + r * L;
-            for (int64_t m = 0; m < nchunks; m++) { /* the mean of each chunk, the short last one too */
-                const int64_t lo = m * c, hi = lo + c < L ? lo + c : L;
-                double sum = 0.0;
-                for (int64_t j = lo; j < hi; j++)
-                    sum += s[j];
-                chunks[m] = (ranked){sum / (double)(hi - lo), m};
-            }
-            qsort(chunks, (size_t)nchunks, sizeof *chunks, by_score_then_pos);
-            memset(keep, 0, (size_t)L);
-            for (int64_t m = 0; m < n_keep && m < nchunks; m++) {
-                const int64_t lo = chunks[m].pos * c, hi = lo + c < L ? lo + c : L;
-                memset(keep + lo, 1, (size_t)(hi - lo));
-            }
-            int64_t *dst = out + r * n, t = 0;
-            for (int64_t j = 0; j < L && t < n; j++)
-                if (keep[j])
-                    dst[t++] = j;
-            for (; t < n; t++)
-                dst[t] = -1;
-        }
-        free(buf);
+/* chunkkv-kvpress: token scores [rows, L] -> the best n_keep chunks of c, out [rows, n] padded with -1. */
+typedef struct {
+    const float *token_scores;
+    int64_t L, c, nchunks, n_keep, n;
+    int64_t *out;
+} kvpress_job;
+
+static void kvpress_one_row(void *ctx, int64_t r, void *buf) {
+    const kvpress_job *job = ctx;
+    const int64_t L = job->L, c = job->c, nchunks = job->nchunks, n = job->n;
+    ranked *chunks = (ranked *)buf;
+    unsigned char *keep = (unsigned char *)(chunks + nchunks);
+    const float *s = job->token_scores + r * L;
+    for (int64_t m = 0; m < nchunks; m++) { /* the mean of each chunk, the short last one too */
+        const int64_t lo = m * c, hi = lo + c < L ? lo + c : L;
+        double sum = 0.0;
+        for (int64_t j = lo; j < hi; j++)
+            sum += s[j];
+        chunks[m] = (ranked){sum / (double)(hi - lo), m};
     }
-    if (failed)
-        return ckv_fail(CKV_ERR_NOMEM, "ckv_select: could not allocate %zu bytes of scratch per thread", bytes);
-    return CKV_OK;
+    qsort(chunks, (size_t)nchunks, sizeof *chunks, by_score_then_pos);
+    memset(keep, 0, (size_t)L);
+    for (int64_t m = 0; m < job->n_keep && m < nchunks; m++) {
+        const int64_t lo = chunks[m].pos * c, hi = lo + c < L ? lo + c : L;
+        memset(keep + lo, 1, (size_t)(hi - lo));
+    }
+    int64_t *dst = job->out + r * n, t = 0;
+    for (int64_t j = 0; j < L && t < n; j++)
+        if (keep[j])
+            dst[t++] = j;
+    for (; t < n; t++)
+        dst[t] = -1;
+}
+
+static ckv_status select_kvpress_rows(const float *token_scores, int64_t rows, int64_t L, int64_t c, int64_t n_keep,
+                                      int64_t n, int64_t *out) {
+    const kvpress_job job = {token_scores, L, c, ckv_chunk_count(L, c), n_keep, n, out};
+    const size_t bytes = (size_t)job.nchunks * sizeof(ranked) + (size_t)L;
+    return ckv_parallel_tasks("ckv_select", rows, select_threads(rows, L), bytes, kvpress_one_row, (void *)&job);
+}
+
+/* kvpress's token scores out [B, L] from per-head window-attention sums buf [B, H, P] (pooled
+ * in place): mean over the w window queries and the G heads of a group, average pooling (zero
+ * padded, divided by the kernel), window = global max + 1, summed over heads. */
+static void kvpress_token_scores(float *buf, int64_t B, int64_t H, int64_t P, int64_t L, int64_t G, int64_t w,
+                                 int64_t kernel, float *tmp /* [P] */, float *out) {
+    const int64_t half = kernel / 2;
+    const float norm = 1.0f / ((float)w * (float)G);
+    float mx = -INFINITY;
+    for (int64_t r = 0; r < B * H; r++) {
+        float *s = buf + r * P;
+        for (int64_t j = 0; j < P; j++) {
+            float acc = 0.0f;
+            /* only the neighbours inside [0, P): a huge kernel must not mean a huge loop */
+            const int64_t lo = j - half > 0 ? j - half : 0, hi = j + half < P - 1 ? j + half : P - 1;
+            for (int64_t t = lo; t <= hi; t++)
+                acc += s[t] * norm;
+            tmp[j] = acc / (float)kernel;
+        }
+        for (int64_t j = 0; j < P; j++) {
+            s[j] = tmp[j];
+            mx = s[j] > mx ? s[j] : mx;
+        }
+    }
+    const float window_score = (P > 0 ? mx : 0.0f) + 1.0f;
+    for (int64_t b = 0; b < B; b++) {
+        float *dst = out + b * L;
+        for (int64_t j = 0; j < P; j++) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < H; g++)
+                acc += buf[(b * H + g) * P + j];
+            dst[j] = acc;
+        }
+        for (int64_t j = P; j < L; j++)
+            dst[j] = window_score * (float)H;
+    }
+}
+
+/* Sum the KV-head rows of scores [B, H, P] into [B, P] (the first B*P floats), in head order. */
+static void sum_heads(float *scores, int64_t B, int64_t H, int64_t P) {
+    for (int64_t b = 0; b < B; b++) {
+        float *acc = scores + b * H * P;
+        for (int64_t g = 1; g < H; g++)
+            for (int64_t j = 0; j < P; j++)
+                acc[j] += acc[g * P + j];
+        memmove(scores + b * P, acc, (size_t)P * sizeof(float));
+    }
+}
+
+/* The position of the first non-finite of s[0, count), or -1. */
+static int64_t first_non_finite(const float *s, int64_t count) {
+    for (int64_t j = 0; j < count; j++)
+        if (!isfinite(s[j]))
+            return j;
+    return -1;
+}
+
+ckv_status ckv_select_cpu(const ckv_tensor *q, const ckv_tensor *k, const ckv_select_params *params,
+                          ckv_tensor *indices) {
+    static const char op[] = "ckv_select";
+    const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2];
+    const int64_t P = ckv_prefix_length(params, L, q->shape[2]);
+    const int64_t n = ckv_select_count(params, L);
+    const int per_head = params->per_head != 0;
+    const int kvpress = params->method == CKV_METHOD_CHUNKKV_KVPRESS;
+    const int64_t rows = per_head ? B * H : B;
+    const int ranks = params->method != CKV_METHOD_STREAMINGLLM && params->method != CKV_METHOD_RANDOM;
+    ckv_status st = CKV_OK;
+    float *scores = NULL, *tmp = NULL;
+    if (ranks && (kvpress || (params->budget < L && P > 0))) {
+        /* B and H come from views that may repeat memory (zero strides): B * H * P can overflow */
+        const int64_t per_row = P;
+        if (per_row > 0 && B > (int64_t)(SIZE_MAX / sizeof(float)) / H / per_row)
+            return ckv_fail(CKV_ERR_NOMEM, "%s: %lld x %lld x %lld token scores do not fit in memory", op,
+                            (long long)B, (long long)H, (long long)per_row);
+        scores = malloc((size_t)(B * H * (per_row > 0 ? per_row : 1)) * sizeof(float));
+        tmp = kvpress ? malloc((size_t)(P + B * L + 1) * sizeof(float)) : NULL; /* pooling row + [B, L] */
+        if (!scores || (kvpress && !tmp)) {
+            free(scores);
+            free(tmp);
+            return ckv_fail(CKV_ERR_NOMEM, "%s: could not allocate %lld token scores", op, (long long)(B * H * per_row));
+        }
+        ckv_tensor view = {scores, CKV_DTYPE_F32, CKV_DEVICE_CPU, 0, 3, {B, H, P, 1}, {H * P, P, 1, 1}};
+        st = ckv_score_cpu(q, k, params->scale, params->row_starts, &view, NULL);
+        if (st == CKV_OK && first_non_finite(scores, B * H * P) >= 0)
+            st = ckv_fail(CKV_ERR_VALUE, "%s: token scores are not finite (NaN or Inf in queries or keys)", op);
+        if (st == CKV_OK && kvpress)
+            kvpress_token_scores(scores, B, H, P, L, q->shape[1] / H, q->shape[2], params->pool_kernel, tmp, tmp + P);
+        else if (st == CKV_OK && !per_head)
+            sum_heads(scores, B, H, P);
+    }
+    if (st == CKV_OK && kvpress)
+        st = select_kvpress_rows(tmp + P, B, L, params->chunk_size, ckv_kvpress_chunks(params, L), n,
+                                 (int64_t *)indices->data);
+    else if (st == CKV_OK)
+        st = select_rows(scores, rows, P, L, params, per_head ? H : 1, (int64_t *)indices->data);
+    free(scores);
+    free(tmp);
+    return st;
+}
+
+ckv_status ckv_select_from_scores_cpu(const ckv_tensor *scores, int64_t L, const ckv_select_params *params,
+                                      ckv_tensor *indices) {
+    const int per_head = scores->ndim == 3;
+    const int64_t H = per_head ? scores->shape[1] : 1, P = scores->shape[scores->ndim - 1];
+    const int64_t rows = scores->shape[0] * H;
+    const float *s = (const float *)scores->data;
+    const int64_t bad = first_non_finite(s, rows * P);
+    if (bad >= 0)
+        return ckv_fail(CKV_ERR_VALUE, "ckv_select_from_scores: scores[%lld] is not finite (NaN or Inf)", (long long)bad);
+    return select_rows(s, rows, P, L, params, H, (int64_t *)indices->data);
 }

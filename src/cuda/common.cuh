@@ -18,7 +18,7 @@
 #include <stdint.h>
 
 extern "C" {
-#include "../core.h" /* core.h's own prototypes carry no extern "C" */
+#include "../backend.h" /* the C headers' prototypes carry no extern "C" of their own */
 }
 
 /* Return ckv_fail(CKV_ERR_CUDA, "<op>: <call>: <message>") when a CUDA runtime call fails.
@@ -75,6 +75,14 @@ inline ckv_status enter_device(const char *op, DeviceGuard &guard, int device_id
     }
     return CKV_OK;
 }
+
+/* The opening of every CUDA entry point: `op` names the op in messages, and the device of the
+ * tensors is made current until the entry point returns (CKV_ERR_CUDA when it cannot be). */
+#define CKV_CUDA_ENTER(op_name, device_id)                                                               \
+    static const char op[] = op_name;                                                                    \
+    ckv::DeviceGuard ckv_guard_;                                                                         \
+    if (ckv_status ckv_st_ = ckv::enter_device(op, ckv_guard_, (device_id)))                             \
+    return ckv_st_
 
 /* Device memory from cudaMallocAsync on a stream, returned with cudaFreeAsync on the same
  * stream when the holder goes away (after the work queued before it, in stream order). */

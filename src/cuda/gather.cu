@@ -7,7 +7,8 @@
  * of the unit.
  *
  * Out of place, one grid-stride kernel copies every unit independently.
- * When dst overlaps src (in-place compaction: dst is src cut to n tokens), one
+ * When dst is src cut to n tokens (in-place compaction; ops.c refuses any other
+ * overlap of an output with an input or with the other output), one
  * block per (b, g) walks the (t, unit) pairs in ascending order, a tile at a
  * time: it loads the whole tile, synchronises, then stores it. With strictly
  * increasing indices (so idx[t] >= t), the element written at position t was
@@ -86,21 +87,6 @@ template <class T> __global__ void __launch_bounds__(THREADS) compact_kernel(Gat
     }
 }
 
-/* [lowest, highest] byte address a 4-D view touches. */
-void extent(const ckv_tensor *t, uintptr_t *lo, uintptr_t *hi) {
-    const int64_t isz = (int64_t)ckv_itemsize(t->dtype);
-    int64_t neg = 0, pos = 0;
-    for (int i = 0; i < 4; i++) {
-        const int64_t span = (t->shape[i] - 1) * t->strides[i] * isz;
-        if (span < 0)
-            neg += span;
-        else
-            pos += span;
-    }
-    *lo = (uintptr_t)t->data + (intptr_t)neg;
-    *hi = (uintptr_t)t->data + (uintptr_t)(pos + isz - 1);
-}
-
 bool unit_fits(const ckv_tensor *t, int64_t unit, int64_t isz) {
     if (t->shape[3] > 1 && t->strides[3] != 1)
         return false;
@@ -113,8 +99,8 @@ bool unit_fits(const ckv_tensor *t, int64_t unit, int64_t isz) {
 }
 
 template <class T>
-ckv_status launch(const char *op, const GatherArgs &a, int64_t BH, bool overlap, int sms, cudaStream_t stream) {
-    if (overlap) {
+ckv_status launch(const char *op, const GatherArgs &a, int64_t BH, bool in_place, int sms, cudaStream_t stream) {
+    if (in_place) {
         const unsigned grid = grid_1d(BH);
         if (!grid)
             return ckv_fail(CKV_ERR_SHAPE, "%s: B x Hkv (%lld) is too large for one CUDA grid", op, (long long)BH);
@@ -132,17 +118,9 @@ ckv_status launch(const char *op, const GatherArgs &a, int64_t BH, bool overlap,
     return CKV_OK;
 }
 
-} // namespace
-} // namespace ckv
-
-extern "C" ckv_status ckv_gather_cuda(const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst,
-                                      void *stream_ptr) {
-    static const char op[] = "ckv_gather";
-    using namespace ckv;
-    const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-    DeviceGuard guard;
-    if (ckv_status st_ = ckv::enter_device(op, guard, src->device_id))
-        return st_;
+/* dst = src gathered by indices, on the current device. */
+ckv_status gather_one(const char *op, const ckv_tensor *src, const ckv_tensor *indices, ckv_tensor *dst,
+                      cudaStream_t stream) {
     const int64_t B = src->shape[0], H = src->shape[1], D = src->shape[3], n = dst->shape[2];
     const int64_t isz = (int64_t)ckv_itemsize(src->dtype);
     if (B * H * n * D == 0)
@@ -171,18 +149,29 @@ extern "C" ckv_status ckv_gather_cuda(const ckv_tensor *src, const ckv_tensor *i
     a.is1 = per_head ? indices->strides[1] : 0;
     a.isn = indices->strides[indices->ndim - 1];
 
-    uintptr_t slo, shi, dlo, dhi;
-    extent(src, &slo, &shi);
-    extent(dst, &dlo, &dhi);
-    const bool overlap = a.L > 0 && slo <= dhi && dlo <= shi; /* L = 0: src holds nothing */
+    /* ops.c refuses every overlap but the very same view cut to n <= L tokens: sharing the first
+     * element is sharing the view */
+    const bool in_place = src->data == dst->data;
 
     int dev = 0, sms = 0;
     CKV_CUDA_TRY(cudaGetDevice(&dev));
     CKV_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     switch (unit) {
-    case 16: return launch<uint4>(op, a, B * H, overlap, sms, stream);
-    case 8: return launch<uint2>(op, a, B * H, overlap, sms, stream);
-    case 4: return launch<uint32_t>(op, a, B * H, overlap, sms, stream);
-    default: return launch<uint16_t>(op, a, B * H, overlap, sms, stream);
+    case 16: return launch<uint4>(op, a, B * H, in_place, sms, stream);
+    case 8: return launch<uint2>(op, a, B * H, in_place, sms, stream);
+    case 4: return launch<uint32_t>(op, a, B * H, in_place, sms, stream);
+    default: return launch<uint16_t>(op, a, B * H, in_place, sms, stream);
     }
+}
+
+} // namespace
+} // namespace ckv
+
+extern "C" ckv_status ckv_gather_cuda(const ckv_tensor *keys, const ckv_tensor *values, const ckv_tensor *indices,
+                                      ckv_tensor *keys_out, ckv_tensor *values_out, void *stream_ptr) {
+    CKV_CUDA_ENTER("ckv_gather", keys->device_id);
+    const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+    if (ckv_status st = ckv::gather_one(op, keys, indices, keys_out, stream))
+        return st;
+    return ckv::gather_one(op, values, indices, values_out, stream);
 }

@@ -355,12 +355,9 @@ ckv_status score_device(const char *op, const ckv_tensor *q, const ckv_tensor *k
 } // namespace ckv
 
 extern "C" ckv_status ckv_score_cuda(const ckv_tensor *queries, const ckv_tensor *keys, float scale,
-                                     const int64_t *row_starts, int64_t P, float *scores, void *stream_ptr) {
-    static const char op[] = "ckv_score";
+                                     const int64_t *row_starts, ckv_tensor *scores, void *stream_ptr) {
+    CKV_CUDA_ENTER("ckv_score", keys->device_id);
     const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-    ckv::DeviceGuard guard;
-    if (ckv_status st_ = ckv::enter_device(op, guard, keys->device_id))
-        return st_;
     ckv::AsyncBuffer starts_buf;
     int64_t *starts = nullptr;
     if (row_starts) {
@@ -371,5 +368,6 @@ extern "C" ckv_status ckv_score_cuda(const ckv_tensor *queries, const ckv_tensor
         if (st != CKV_OK)
             return st;
     }
-    return ckv::score_device(op, queries, keys, scale, starts, P, scores, stream);
+    return ckv::score_device(op, queries, keys, ckv_scale_or_default(scale, keys->shape[3]), starts, scores->shape[2],
+                             static_cast<float *>(scores->data), stream);
 }

@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(NT) select_rows_kernel(SelArgs a) {
     switch (a.method) {
     case CKV_METHOD_CHUNKKV: {
         const int64_t c = a.chunk < Pp ? a.chunk : Pp;
-        const int64_t nch = (Pp + c - 1) / c;
+        const int64_t nch = ckv_chunk_count(Pp, c);
         uint64_t *ckey = reinterpret_cast<uint64_t *>(scratch);
         for (int64_t m = tid; m < nch; m += NT) {
             const int64_t lo = m * c, hi = lo + c < Pp ? lo + c : Pp;
@@ -403,7 +403,7 @@ kvpress_rows_kernel(const float *__restrict__ pooled, int64_t H, int64_t P, int6
         return acc;
     };
     const int64_t cc = c < L ? c : L;
-    const int64_t nch = (L + cc - 1) / cc;
+    const int64_t nch = ckv_chunk_count(L, cc);
     for (int64_t m = tid; m < nch; m += NT) { /* the mean of each chunk, the short last one too */
         const int64_t lo = m * cc, hi = lo + cc < L ? lo + cc : L;
         double sum = 0.0;
@@ -441,50 +441,74 @@ __global__ void sum_heads_kernel(const float *__restrict__ scores, int64_t B, in
     }
 }
 
-/* Scratch bytes one selection row needs (0 for streamingllm). */
+/* Scratch bytes one selection row needs (0 for streamingllm), rounded up to 256. Rows that are all
+ * kept never touch their scratch: 0 unless some row ranks (budget < L). */
 int64_t row_scratch_bytes(const ckv_select_params *p, int64_t P, int64_t L) {
-    switch (p->method) {
-    case CKV_METHOD_CHUNKKV: {
-        const int64_t c = p->chunk_size < P ? p->chunk_size : P;
-        return c > 0 ? (P + c - 1) / c * (int64_t)sizeof(uint64_t) : 0;
+    int64_t bytes = 0;
+    if (p->method == CKV_METHOD_CHUNKKV_KVPRESS) {
+        bytes = ckv_chunk_count(L, p->chunk_size) * (int64_t)sizeof(uint64_t);
+    } else if (p->budget < L) {
+        switch (p->method) {
+        case CKV_METHOD_CHUNKKV: bytes = ckv_chunk_count(P, p->chunk_size) * (int64_t)sizeof(uint64_t); break;
+        case CKV_METHOD_SNAPKV:
+        case CKV_METHOD_H2O: bytes = P * (int64_t)sizeof(uint32_t); break;
+        case CKV_METHOD_RANDOM: bytes = P * (int64_t)sizeof(int32_t) + L; break;
+        default: break;
+        }
     }
-    case CKV_METHOD_SNAPKV:
-    case CKV_METHOD_H2O: return P * (int64_t)sizeof(uint32_t);
-    case CKV_METHOD_RANDOM: return P * (int64_t)sizeof(int32_t) + L;
-    default: return 0;
-    }
+    return (bytes + 255) / 256 * 256;
+}
+
+/* One block per selection row: row_scores [rows, P] (nullptr for the methods that read none), starts
+ * device [B] or nullptr (row r starts at starts[r / rows_per_start]), scratch rows * row_bytes. */
+ckv_status launch_select_rows(const char *op, const float *row_scores, int64_t rows, int64_t rows_per_start,
+                              int64_t P, int64_t L, int64_t n, const ckv_select_params *params,
+                              const int64_t *starts, char *scratch, int64_t row_bytes, int64_t *out,
+                              cudaStream_t stream) {
+    const bool h2o = params->method == CKV_METHOD_H2O;
+    SelArgs a;
+    a.scores = row_scores;
+    a.P = P;
+    a.L = L;
+    a.n = n;
+    a.budget = params->budget;
+    a.chunk = params->chunk_size;
+    a.pool_kernel = h2o ? 1 : params->pool_kernel;    /* h2o ranks its raw column sums: */
+    a.method = h2o ? CKV_METHOD_SNAPKV : params->method; /* max pooling over one token copies them */
+    a.pool_max = h2o ? 1 : params->pool_max != 0;
+    a.n_sink = params->n_sink;
+    a.seed = params->seed;
+    a.starts = starts;
+    a.rows_per_start = rows_per_start;
+    a.scratch = scratch;
+    a.scratch_row_bytes = row_bytes;
+    a.out = out;
+    select_rows_kernel<<<grid_1d(rows), NT, 0, stream>>>(a);
+    CKV_CUDA_LAUNCH_CHECK("select_rows_kernel");
+    return CKV_OK;
 }
 
 } // namespace
 } // namespace ckv
 
 extern "C" ckv_status ckv_select_cuda(const ckv_tensor *q, const ckv_tensor *k, const ckv_select_params *params,
-                                      float scale, int64_t *out) {
-    static const char op[] = "ckv_select";
+                                      ckv_tensor *indices) {
+    CKV_CUDA_ENTER("ckv_select", k->device_id);
     using namespace ckv;
     const cudaStream_t stream = static_cast<cudaStream_t>(params->stream);
-    DeviceGuard guard;
-    if (ckv_status st_ = ckv::enter_device(op, guard, k->device_id))
-        return st_;
 
     const ckv_method method = params->method;
     const bool kvpress = method == CKV_METHOD_CHUNKKV_KVPRESS, h2o = method == CKV_METHOD_H2O;
     const int64_t B = k->shape[0], H = k->shape[1], L = k->shape[2], w = q->shape[2];
-    const int64_t P = h2o ? L - params->window : L - w; /* ops.c's prefix_length */
+    const int64_t P = ckv_prefix_length(params, L, w);
+    const float scale = ckv_scale_or_default(params->scale, k->shape[3]);
+    int64_t *out = static_cast<int64_t *>(indices->data);
     const int per_head = params->per_head != 0 && !kvpress;
     const int64_t rows = per_head ? B * H : B;
     const int64_t n = ckv_select_count(params, L);
     const bool ranks = method == CKV_METHOD_CHUNKKV || method == CKV_METHOD_SNAPKV || h2o;
     const bool needs_scores = kvpress || (ranks && params->budget < L && P > 0);
-    /* rows that are all kept never touch their scratch: size it only when some row ranks */
-    int64_t row_bytes = 0;
-    if (kvpress) {
-        const int64_t c = params->chunk_size < L ? params->chunk_size : L;
-        row_bytes = (L + c - 1) / c * (int64_t)sizeof(uint64_t);
-    } else if (params->budget < L) {
-        row_bytes = row_scratch_bytes(params, P, L);
-    }
-    row_bytes = (row_bytes + 255) / 256 * 256;
+    const int64_t row_bytes = row_scratch_bytes(params, P, L);
     const unsigned grid = grid_1d(rows);
     if (!grid)
         return ckv_fail(CKV_ERR_SHAPE, "%s: %lld selection rows are too many for one CUDA grid", op, (long long)rows);
@@ -527,10 +551,9 @@ extern "C" ckv_status ckv_select_cuda(const ckv_tensor *q, const ckv_tensor *k, 
                     scores, B * H, P, params->pool_kernel, norm, sums, max_key);
                 CKV_CUDA_LAUNCH_CHECK("kvpress_pool_kernel");
             }
-            const int64_t c = params->chunk_size;
-            const int64_t n_keep = n / c + (n % c != 0);
-            kvpress_rows_kernel<<<grid, NT, 0, stream>>>(sums, H, P, L, c, n_keep, n, max_key, scratch, row_bytes,
-                                                          out);
+            kvpress_rows_kernel<<<grid, NT, 0, stream>>>(sums, H, P, L, params->chunk_size,
+                                                          ckv_kvpress_chunks(params, L), n, max_key, scratch,
+                                                          row_bytes, out);
             CKV_CUDA_LAUNCH_CHECK("kvpress_rows_kernel");
             return CKV_OK;
         }
@@ -541,24 +564,33 @@ extern "C" ckv_status ckv_select_cuda(const ckv_tensor *q, const ckv_tensor *k, 
             row_scores = sums;
         }
     }
-    SelArgs a;
-    a.scores = row_scores;
-    a.P = P;
-    a.L = L;
-    a.n = n;
-    a.budget = params->budget;
-    a.chunk = params->chunk_size;
-    a.pool_kernel = h2o ? 1 : params->pool_kernel; /* h2o ranks its raw column sums: */
-    a.method = h2o ? CKV_METHOD_SNAPKV : method;   /* max pooling over one token copies them */
-    a.pool_max = h2o ? 1 : params->pool_max != 0;
-    a.n_sink = params->n_sink;
-    a.seed = params->seed;
-    a.starts = starts_given ? starts : nullptr;
-    a.rows_per_start = per_head ? H : 1;
-    a.scratch = scratch;
-    a.scratch_row_bytes = row_bytes;
-    a.out = out;
-    select_rows_kernel<<<grid, NT, 0, stream>>>(a);
-    CKV_CUDA_LAUNCH_CHECK("select_rows_kernel");
-    return CKV_OK;
+    return launch_select_rows(op, row_scores, rows, per_head ? H : 1, P, L, n, params,
+                              starts_given ? starts : nullptr, scratch, row_bytes, out, stream);
+}
+
+extern "C" ckv_status ckv_select_from_scores_cuda(const ckv_tensor *scores, int64_t L,
+                                                  const ckv_select_params *params, ckv_tensor *indices) {
+    CKV_CUDA_ENTER("ckv_select_from_scores", scores->device_id);
+    using namespace ckv;
+    const cudaStream_t stream = static_cast<cudaStream_t>(params->stream);
+    const int per_head = scores->ndim == 3;
+    const int64_t B = scores->shape[0], H = per_head ? scores->shape[1] : 1, P = scores->shape[scores->ndim - 1];
+    const int64_t rows = B * H;
+    const int64_t row_bytes = row_scratch_bytes(params, P, L);
+    if (!grid_1d(rows))
+        return ckv_fail(CKV_ERR_SHAPE, "%s: %lld selection rows are too many for one CUDA grid", op, (long long)rows);
+    Carver size(nullptr);
+    size.take<int64_t>(params->row_starts ? (size_t)B : 0);
+    size.take<char>((size_t)(rows * row_bytes));
+    AsyncBuffer buf;
+    CKV_CUDA_TRY(buf.alloc(size.used, stream));
+    Carver carve(buf.ptr);
+    int64_t *starts = carve.take<int64_t>(params->row_starts ? (size_t)B : 0);
+    char *scratch = carve.take<char>((size_t)(rows * row_bytes));
+    ckv_status st;
+    if (params->row_starts && (st = upload_starts(op, params->row_starts, B, starts, stream)) != CKV_OK)
+        return st;
+    return launch_select_rows(op, static_cast<const float *>(scores->data), rows, H, P, L,
+                              ckv_kept_count(params->budget, L), params, params->row_starts ? starts : nullptr,
+                              scratch, row_bytes, static_cast<int64_t *>(indices->data), stream);
 }

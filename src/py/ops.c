@@ -129,6 +129,43 @@ static PyObject *py_select(PyObject *self, PyObject *args, PyObject *kw) {
     return result;
 }
 
+static PyObject *py_select_from_scores(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"scores", "indices", "length", "method", "budget", "chunk_size", "per_head",
+                             "pool_kernel", "pool_max", "stream", "row_starts", NULL};
+    PyObject *caps[2], *starts_obj = Py_None;
+    ckv_select_params p;
+    ckv_select_params_init(&p);
+    int method = 0;
+    long long length = 0, budget = 0, chunk = p.chunk_size, kernel = p.pool_kernel;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOL|iLLpLpKO:select_from_scores", kwlist, &caps[0], &caps[1], &length,
+                                     &method, &budget, &chunk, &p.per_head, &kernel, &p.pool_max, &stream, &starts_obj))
+        return NULL;
+    p.method = (ckv_method)method;
+    p.budget = budget;
+    p.chunk_size = chunk;
+    p.pool_kernel = kernel;
+    p.stream = (void *)(uintptr_t)stream;
+    static const char *names[] = {"scores", "indices"};
+    static const int writable[] = {0, 1};
+    ckv_borrowed b[2];
+    int64_t *starts = NULL;
+    PyObject *result = NULL;
+    if (borrow_all(2, caps, names, writable, b) == 0 &&
+        parse_row_starts(starts_obj, b[0].view.ndim >= 2 ? b[0].view.shape[0] : 0, &starts) == 0) {
+        ckv_status st;
+        p.row_starts = starts;
+        Py_BEGIN_ALLOW_THREADS
+        st = ckv_select_from_scores(&b[0].view, length, &p, &b[1].view);
+        Py_END_ALLOW_THREADS
+        result = st == CKV_OK ? Py_NewRef(Py_None) : ckv_raise(st);
+    }
+    PyMem_Free(starts);
+    release_all(2, b);
+    return result;
+}
+
 static PyObject *py_gather(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kwlist[] = {"keys", "values", "indices", "keys_out", "values_out", "stream", NULL};
@@ -210,6 +247,8 @@ PyMethodDef ckv_py_methods[] = {
      "score(queries, keys, scores, scale=0.0): token scores into scores [B, Hkv, P] (capsules)."},
     {"select", (PyCFunction)(void (*)(void))py_select, METH_VARARGS | METH_KEYWORDS,
      "select(queries, keys, indices, method, budget, ...): kept positions into indices (capsules)."},
+    {"select_from_scores", (PyCFunction)(void (*)(void))py_select_from_scores, METH_VARARGS | METH_KEYWORDS,
+     "select_from_scores(scores, indices, length, method, budget, ...): kept positions from given scores."},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_VARARGS | METH_KEYWORDS,
      "gather(keys, values, indices, keys_out, values_out, stream=0): copy kept rows (capsules)."},
     {"select_count", py_select_count, METH_VARARGS,

@@ -33,6 +33,8 @@ class Method:
     pyramid: bool = False               # per-layer budgets shrinking with depth (PyramidKV)
     budget_exact: bool = True           # every row keeps exactly its budget
     takes_row_starts: bool = True       # can select inside left-padded rows
+    takes_per_head: bool = True         # can select per KV head
+    scores_rule: str = "chunkkv"        # the select_from_scores rule that picks from token_scores()
     options: dict = field(default_factory=dict)   # method options (patch keyword arguments) and their defaults
 
     #: option names every method takes
@@ -97,6 +99,9 @@ class H2O(Method):
 
 METHODS: dict[str, Method] = {}
 
+#: the method patch() and the integrations run when none is named
+DEFAULT = "chunkkv"
+
 
 def register(method: Method) -> Method:
     """Add a method to the registry (its name must be new); returns it."""
@@ -118,7 +123,7 @@ for _m in [
     KVPressChunkKV("chunkkv-kvpress",
                    "kvpress's ChunkKVPress(SnapKVPress(), chunk_length=20): chunk means over all tokens, whole "
                    "chunks only, so it may keep fewer tokens than asked.", core="chunkkv-kvpress",
-                   window=64, chunk_size=20, budget_exact=False, takes_row_starts=False,
+                   window=64, chunk_size=20, budget_exact=False, takes_row_starts=False, takes_per_head=False,
                    options={"pool_kernel": 5}),
     Method("snapkv", "SnapKV: per-KV-head top tokens of average-pooled window attention, plus the window.",
            core="snapkv", per_head=True, options={"pool_kernel": 5, "pool": "avg"}),

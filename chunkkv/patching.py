@@ -54,7 +54,7 @@ class PatchConfig:
     window: int = 32
     reuse: int = 1
     per_head: bool = False
-    method: str = "chunkkv"
+    method: str = _registry.DEFAULT
     method_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,8 +79,8 @@ class PatchConfig:
         if not spec.reusable and self.reuse > 1:
             raise ValueError(f"reuse: {spec.name} gives every layer its own budget, so layers cannot share "
                              "indices; use reuse=1")
-        if spec.core == "chunkkv-kvpress" and self.per_head:
-            raise ValueError("per_head: chunkkv-kvpress selects one set of chunks per row, as kvpress does")
+        if self.per_head and not spec.takes_per_head:
+            raise ValueError(f"per_head: {spec.name} selects one set of positions per row")
         unknown = sorted(set(self.method_args) - set(spec.options))
         if unknown:
             known = ["budget", "keep_ratio", "chunk_size", "window", "reuse", "per_head", "method", *spec.options]
@@ -92,7 +92,7 @@ class PatchConfig:
     @classmethod
     def create(cls, budget: Optional[int] = None, keep_ratio: Optional[float] = None,
                chunk_size: Optional[int] = None, window: Optional[int] = None, reuse: int = 1,
-               per_head: Optional[bool] = None, method: str = "chunkkv", **method_args: Any) -> "PatchConfig":
+               per_head: Optional[bool] = None, method: str = _registry.DEFAULT, **method_args: Any) -> "PatchConfig":
         """A checked config with the method's defaults for the options not given."""
         spec = _registry.get(method)
         keep_ratio = float(keep_ratio) if isinstance(keep_ratio, int) and not isinstance(keep_ratio, bool) \
@@ -113,7 +113,7 @@ class PatchConfig:
         return _registry.kept_budget(self.budget, self.keep_ratio, window, seen)
 
     def keep_fraction(self, seen: int) -> float:
-        """The kept fraction, for methods that count whole chunks (chunkkv-kvpress)."""
+        """The kept fraction, for methods that count whole chunks rather than tokens."""
         return self.keep_ratio if self.keep_ratio is not None else min(1.0, self.budget / max(seen, 1))
 
 
@@ -309,7 +309,7 @@ class ChunkKVPatch:
         starts = _row_starts(positions, pads)
         if starts is not None and not spec.takes_row_starts:
             raise ValueError(f"chunkkv: method {spec.name!r} cannot select inside left-padded rows; use batch size 1 "
-                             "or method='chunkkv'")
+                             f"or method={_registry.DEFAULT!r}")
         firsts = starts or [0] * B
         seen_rows = [seen - (pads[r] if pads else 0) for r in range(B)]
         budgets = [spec.layer_budget(cfg.row_budget(seen_rows[r], window), window, L - firsts[r] - window, rank,
@@ -333,7 +333,7 @@ class ChunkKVPatch:
                 scores = spec.token_scores(q, k, scale=scale, row_starts=row_starts).to(torch.float32)
                 scores = scores if cfg.per_head else scores.sum(1)
                 return ops.select_from_scores(scores, length=L, budget=budget, chunk_size=cfg.chunk_size,
-                                              method="chunkkv", row_starts=row_starts)
+                                              method=spec.scores_rule, row_starts=row_starts)
             return ops.select(q, k, budget=budget, chunk_size=cfg.chunk_size, method=spec.core, **args)
 
         if len(set(budgets)) == 1:
@@ -518,7 +518,7 @@ def window_queries(module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, 
 # -- public entry points -------------------------------------------------------------------------
 def patch(model: torch.nn.Module, budget: Optional[int] = None, keep_ratio: Optional[float] = None,
           chunk_size: Optional[int] = None, window: Optional[int] = None, reuse: int = 1,
-          per_head: Optional[bool] = None, method: str = "chunkkv", **method_args: Any) -> ChunkKVPatch:
+          per_head: Optional[bool] = None, method: str = _registry.DEFAULT, **method_args: Any) -> ChunkKVPatch:
     """Make `model` compress its KV cache at every prefill with ChunkKV (or another method).
 
     Args:

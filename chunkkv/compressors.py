@@ -20,6 +20,18 @@ from typing import Any, ClassVar, Optional
 
 
 @dataclass(frozen=True)
+class SelectContext:
+    """What a layer's selection call knows besides the tensors."""
+
+    window: int           # the observation window of this forward
+    budget: int           # the row's budget for this layer
+    length: int           # stored tokens of the layer
+    head_dim: int
+    scale: float          # the model's attention scale
+    keep_fraction: float  # budget / tokens seen, or keep_ratio
+
+
+@dataclass(frozen=True)
 class Method:
     """A compression method as `chunkkv.patch` runs it (the defaults are ChunkKV's)."""
 
@@ -53,11 +65,10 @@ class Method:
         """Budget of the full-attention layer of the given rank, given the row's budget."""
         return budget
 
-    def select_args(self, options: dict, *, window: int, budget: int, length: int, head_dim: int,
-                    scale: float, keep_fraction: float) -> dict:
+    def select_args(self, options: dict, ctx: SelectContext) -> dict:
         """Keyword arguments for chunkkv.select beyond queries, keys, budget and chunk_size."""
         args = {k: v for k, v in {**self.options, **options}.items() if k != "beta"}
-        args["scale"] = scale
+        args["scale"] = ctx.scale
         return args
 
     def token_scores(self, queries: Any, keys: Any, *, scale: float, row_starts: Any) -> Any:
@@ -69,12 +80,8 @@ class Method:
 class KVPressChunkKV(Method):
     """kvpress's ChunkKVPress(SnapKVPress()): scores with 1/sqrt(head_dim) and counts whole chunks."""
 
-    def select_args(self, options: dict, *, window: int, budget: int, length: int, head_dim: int,
-                    scale: float, keep_fraction: float) -> dict:
-        args = super().select_args(options, window=window, budget=budget, length=length, head_dim=head_dim,
-                                   scale=scale, keep_fraction=keep_fraction)
-        args.update(keep_fraction=keep_fraction, scale=head_dim ** -0.5)
-        return args
+    def select_args(self, options: dict, ctx: SelectContext) -> dict:
+        return {**super().select_args(options, ctx), "keep_fraction": ctx.keep_fraction, "scale": ctx.head_dim ** -0.5}
 
 
 @dataclass(frozen=True)
@@ -89,12 +96,8 @@ class PyramidKV(Method):
 class H2O(Method):
     """Heavy hitters: every prompt query scores; the `window` most recent tokens are kept."""
 
-    def select_args(self, options: dict, *, window: int, budget: int, length: int, head_dim: int,
-                    scale: float, keep_fraction: float) -> dict:
-        args = super().select_args(options, window=window, budget=budget, length=length, head_dim=head_dim,
-                                   scale=scale, keep_fraction=keep_fraction)
-        args["window"] = min(window, budget)
-        return args
+    def select_args(self, options: dict, ctx: SelectContext) -> dict:
+        return {**super().select_args(options, ctx), "window": min(ctx.window, ctx.budget)}
 
 
 METHODS: dict[str, Method] = {}

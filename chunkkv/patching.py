@@ -324,8 +324,9 @@ class ChunkKVPatch:
         scale = float(getattr(module, "scaling", queries.shape[-1] ** -0.5))
 
         def select(q: torch.Tensor, k: torch.Tensor, budget: int, row_starts: Optional[list[int]]) -> torch.Tensor:
-            args = spec.select_args(cfg.method_args, window=window, budget=budget, length=L,
-                                    head_dim=k.shape[-1], scale=scale, keep_fraction=cfg.keep_fraction(seen))
+            args = spec.select_args(cfg.method_args, _registry.SelectContext(
+                window=window, budget=budget, length=L, head_dim=k.shape[-1], scale=scale,
+                keep_fraction=cfg.keep_fraction(seen)))
             if spec.takes_row_starts:
                 args.update(row_starts=row_starts, per_head=cfg.per_head)
             budget = max(budget, window) if spec.budget_exact else budget

@@ -232,3 +232,13 @@ def test_mixed_query_and_key_dtypes_are_upcast_exactly():
     k = torch.from_numpy(rng.standard_normal((1, 2, 90, 16), dtype=np.float32))
     assert torch.equal(chunkkv.score(q, k), chunkkv.score(q.float(), k))
     assert torch.equal(chunkkv.score(q.float(), k.half()), chunkkv.score(q.float(), k.half().float()))
+
+
+@pytest.mark.parametrize("dtype, name", [(np.float64, "float64"), (np.int32, "int32"), (np.uint8, "uint8"),
+                                         (np.bool_, "bool")])
+def test_a_dtype_chunkkv_cannot_take_is_named(dtype, name):
+    q = np.zeros((1, 2, 1, 8), dtype=np.float32)
+    with pytest.raises(TypeError, match=f"keys: expected float32, float16, bfloat16 or int64, got {name}$"):
+        chunkkv.score(q, np.zeros((1, 1, 4, 8), dtype=dtype))
+    with pytest.raises(TypeError, match="got float64$"):
+        chunkkv.score(torch.zeros(1, 2, 1, 8, dtype=torch.float64), torch.zeros(1, 1, 4, 8))

@@ -192,6 +192,7 @@ def test_every_family_generates_with_compressed_full_layers(family, attn):
     assert out.shape == (2, 84)
     full = [i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)]
     assert full and h.stats.gathers == len(full)
+    assert h.stats.selections == -(-len(full) // 2), "one selection per reuse group of full-attention layers"
     for i, layer in enumerate(cache.layers):
         if i in full:
             assert isinstance(layer, CompressedLayer) and layer.keys.shape[-2] == 24 + 3

@@ -36,8 +36,32 @@ def pick_chunk(rng, P):
     return int(rng.choice(opts, p=[.08, .08, .25, .15, .14, .08, .06, .06, .05, .05]))
 
 
+#: share of random cases drawn as edge cases (budget >= L, budget == w, one chunk, tiny L ...); the rest are
+#: real selections: several whole chunks kept, one cut, some dropped
+EDGE_SHARE = 0.2
+
+
+def real_selection(rng, L, w):
+    """(budget, chunk size) that keep at least two whole chunks, cut one (unless the budget happens to be a
+    multiple of the chunk) and drop at least a chunk's worth of the prefix; needs P = L - w >= 12."""
+    P = L - w
+    c = int(rng.integers(2, P // 4 + 1))
+    return w + int(rng.integers(2 * c + 1, P - c + 1)), c
+
+
+def is_real_selection(L, w, budget, chunk, starts) -> bool:
+    """Whether every row of a chunkkv case keeps >= 2 whole chunks and drops some of its prefix."""
+    first = 0 if starts is None else max(starts)
+    return budget - w >= 2 * chunk and budget < L - first
+
+
 def random_case(rng):
     B, Hkv, G, D, L, w = random_shape(rng, cost=4e5)
+    edge = rng.random() < EDGE_SHARE
+    if not edge and L - w < 12:  # a real selection needs a prefix to choose from
+        L = int(rng.integers(16, 600))
+        w = int(rng.integers(1, min(32, L // 4) + 1))
+        B, Hkv, G = min(B, 2), min(Hkv, 2), min(G, 2)
     P = L - w
     method = str(rng.choice(METHODS, p=[0.55, 0.25, 0.1, 0.1]))
     dtype = str(rng.choice(DTYPES))
@@ -45,13 +69,13 @@ def random_case(rng):
     tq, tk = rng.choice([0.25, 0.5, 1.0, 2.0], size=2)
     q, q64 = make(rng.standard_normal((B, Hkv * G, w, D)) * tq, dtype, lib, str(rng.choice(LAYOUTS)))
     k, k64 = make(rng.standard_normal((B, Hkv, L, D)) * tk, dtype, lib, str(rng.choice(LAYOUTS)))
-    budget = pick_budget(rng, L, w)
+    budget, chunk = (pick_budget(rng, L, w), pick_chunk(rng, P)) if edge else real_selection(rng, L, w)
     Bp = max(budget - w, 0)
     args = dict(budget=budget, per_head=bool(rng.random() < 0.35), method=method)
     if rng.random() < 0.3:
         args["scale"] = float(rng.uniform(0.02, 0.4))
     if method == "chunkkv":
-        args["chunk_size"] = pick_chunk(rng, P)
+        args["chunk_size"] = chunk
     elif method == "snapkv":
         args["pool_kernel"] = int(rng.choice([1, 3, 5, 7, 2 * int(rng.integers(0, 16)) + 1, 2 * P + 1, 2 * P + 3]))
         args["pool"] = str(rng.choice(["avg", "max"]))
@@ -60,8 +84,9 @@ def random_case(rng):
     else:
         args["seed"] = int(rng.integers(0, 2**63))  # select() takes seeds in [0, 2^63)
     starts = None
-    if rng.random() < 0.15:  # left padding
-        starts = [int(s) for s in rng.integers(0, L + 1, size=B)]
+    if rng.random() < 0.15:  # left padding (in real cases, short enough to leave a choice)
+        high = L + 1 if edge else max(1, (L - budget) // 2)
+        starts = [int(s) for s in rng.integers(0, high, size=B)]
     return (q, q64, k, k64), args, starts
 
 
@@ -131,6 +156,17 @@ def test_select_random(case, tally):
     compare_with_float64(got, s64, sC, L, w, args, starts, tally, case)
     assert np.array_equal(bits(q), before[0]) and np.array_equal(bits(k), before[1]), "inputs changed"
     tally["cases"]["select"] += 1
+    if args["method"] == "chunkkv" and is_real_selection(L, w, args["budget"], args["chunk_size"], starts):
+        tally["cases"]["select (chunkkv, >= 2 whole chunks kept and some dropped)"] += 1
+
+
+def test_random_select_cases_are_mostly_real_selections():
+    """At least 70% of the random chunkkv cases keep several whole chunks and drop some of the prefix."""
+    cases = [random_case(np.random.default_rng([202, case])) for case in range(N_CASES)]
+    chunkkv_cases = [(k64.shape[2], q64.shape[2], a, st) for (_, q64, _, k64), a, st in cases
+                     if a["method"] == "chunkkv"]
+    real = sum(is_real_selection(L, w, a["budget"], a["chunk_size"], st) for L, w, a, st in chunkkv_cases)
+    assert real >= 0.7 * len(chunkkv_cases), f"{real} of {len(chunkkv_cases)}"
 
 
 # ------------------------------------------------------------------ deliberate ties

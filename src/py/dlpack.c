@@ -12,6 +12,7 @@
 #include "binding.h"
 
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "../dlpack_abi.h"
@@ -32,6 +33,23 @@ static int to_dtype(ckv_dl_dtype t, ckv_dtype *out) {
     return 0;
 }
 
+/* The dtype's usual name ("float64", "int32", "uint8", "bool", "complex64", ...) into buf, for error messages. */
+static const char *dtype_name(ckv_dl_dtype t, char *buf, size_t size) {
+    static const char *kinds[] = {"int", "uint", "float", "opaque handle", "bfloat", "complex", "bool"};
+    const char *kind = t.code < sizeof kinds / sizeof kinds[0] ? kinds[t.code] : NULL;
+    if (kind == NULL)
+        snprintf(buf, size, "DLPack dtype code %d, %d bits", (int)t.code, (int)t.bits);
+    else if (t.code == 6 && t.bits == 8)
+        snprintf(buf, size, "bool");
+    else
+        snprintf(buf, size, "%s%d", kind, (int)t.bits);
+    if (t.lanes != 1) {
+        size_t n = strlen(buf);
+        snprintf(buf + n, size - n, " x %d lanes", (int)t.lanes);
+    }
+    return buf;
+}
+
 /* Fill the view from a DLTensor; Python exception and -1 on what chunkkv cannot take. */
 static int to_view(const ckv_dl_tensor *t, const char *arg, ckv_tensor *v) {
     memset(v, 0, sizeof *v);
@@ -41,9 +59,9 @@ static int to_view(const ckv_dl_tensor *t, const char *arg, ckv_tensor *v) {
         return -1;
     }
     if (to_dtype(t->dtype, &v->dtype) < 0) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: expected float32, float16, bfloat16 or int64, got DLPack dtype (code %d, bits %d, lanes %d)",
-                     arg, t->dtype.code, t->dtype.bits, t->dtype.lanes);
+        char name[64];
+        PyErr_Format(PyExc_TypeError, "%s: expected float32, float16, bfloat16 or int64, got %s", arg,
+                     dtype_name(t->dtype, name, sizeof name));
         return -1;
     }
     switch (t->device.device_type) {

@@ -134,15 +134,15 @@ def test_sanitizer_with_kernel_filter(tmp_path):
 
 
 def test_sanitizer_filter_detection(tmp_path):
-    new = _fake_sanitizer(tmp_path, "  --kernel-name <filter>")
-    assert gpu_check.sanitizer_filter(str(new))[0] == ["--kernel-name", "kns=ckv"]
+    new = _fake_sanitizer(tmp_path, "  --kernel-name <filter>\n  --report-api-errors <all|explicit|no>")
+    assert gpu_check.sanitizer_flags(str(new))[0] == ["--kernel-name", "kns=ckv", "--report-api-errors", "no"]
     (tmp_path / "old").mkdir()
     old = _fake_sanitizer(tmp_path / "old", "  --filter <filter>")
-    assert gpu_check.sanitizer_filter(str(old))[0] == ["--filter", "kns=ckv"]
+    assert gpu_check.sanitizer_flags(str(old))[0] == ["--filter", "kns=ckv"]
     (tmp_path / "none").mkdir()
-    flags, note = gpu_check.sanitizer_filter(str(_fake_sanitizer(tmp_path / "none", "  --tool <name>")))
+    flags, note = gpu_check.sanitizer_flags(str(_fake_sanitizer(tmp_path / "none", "  --tool <name>")))
     assert flags == [] and "no kernel name filter" in note
-    flags, note = gpu_check.sanitizer_filter(str(tmp_path / "missing"))
+    flags, note = gpu_check.sanitizer_flags(str(tmp_path / "missing"))
     assert flags == [] and "could not run" in note
 
 
@@ -176,7 +176,7 @@ def test_summary_is_written_as_steps_end_and_a_kill_stops_the_running_step(tmp_p
     try:
         log = out / "tests_gpu.log"
         deadline = time.monotonic() + 60
-        while not (log.exists() and "sleeping" in log.read_text()):
+        while not (log.exists() and re.search(r"sleeping \d+", log.read_text())):  # printed by the step itself
             assert time.monotonic() < deadline, "the sleeping step never started"
             assert proc.poll() is None
             time.sleep(0.2)

@@ -24,7 +24,8 @@ $OUT/summary.txt as soon as the step ends (a run cut short keeps what it finishe
                  beside PyTorch on the GPU, with the copy bandwidth and bf16 matmul rate -> timing.log, .jsonl
   tests_gpu 150  pytest tests_gpu, 6 workers (pytest-xdist) of 2 OpenMP threads each, 90 s per test
                  (pytest-timeout) when those plugins are there                          -> tests_gpu.log
-  memcheck   50  compute-sanitizer --tool memcheck on smoke.py, chunkkv's kernels only  -> sanitizer.log
+  memcheck   50  compute-sanitizer --tool memcheck on smoke.py, chunkkv's kernels only (--kernel-name
+                 kns=ckv), --report-api-errors no, --error-exitcode 9                  -> sanitizer.log
   racecheck  55  compute-sanitizer --tool racecheck, likewise                          -> sanitizer.log
 
 All later steps import the checkout's chunkkv (PYTHONPATH is the repository root), so an in-place build
@@ -95,19 +96,22 @@ def find_sanitizer() -> Optional[str]:
     return next((c for c in candidates if os.access(c, os.X_OK)), None)
 
 
-def sanitizer_filter(sanitizer: str) -> tuple:
-    """(flags that limit checking to chunkkv's kernels, what was found): --kernel-name kns=ckv in
-    compute-sanitizer 2022+, --filter kns=ckv in older ones, none when its --help names neither."""
+def sanitizer_flags(sanitizer: str) -> tuple:
+    """(flags, what they are) from what this compute-sanitizer's --help offers: limit checking to chunkkv's
+    kernels (--kernel-name kns=ckv since 2022, --filter kns=ckv before; none when it names neither), and
+    --report-api-errors no: torch's expected CUDA API failures would count as errors, and chunkkv turns every
+    failed CUDA call of its own into a Python exception, which fails smoke.py."""
     try:
         r = subprocess.run([sanitizer, "--help"], capture_output=True, text=True, timeout=20)
         text = r.stdout + r.stderr
     except (OSError, subprocess.SubprocessError) as e:
         return [], f"could not run {sanitizer} --help ({e}): no kernel filter, torch's kernels are checked too"
+    api = ["--report-api-errors", "no"] if "--report-api-errors" in text else []
     if "--kernel-name" in text:
-        return ["--kernel-name", f"kns={KERNEL_FILTER}"], f"kernel filter --kernel-name kns={KERNEL_FILTER}"
+        return ["--kernel-name", f"kns={KERNEL_FILTER}", *api], f"kernel filter --kernel-name kns={KERNEL_FILTER}"
     if "--filter" in text:
-        return ["--filter", f"kns={KERNEL_FILTER}"], f"kernel filter --filter kns={KERNEL_FILTER}"
-    return [], "this compute-sanitizer has no kernel name filter: torch's kernels are checked too (slower)"
+        return ["--filter", f"kns={KERNEL_FILTER}", *api], f"kernel filter --filter kns={KERNEL_FILTER}"
+    return api, "this compute-sanitizer has no kernel name filter: torch's kernels are checked too (slower)"
 
 
 def compute_capability() -> Optional[str]:
@@ -143,7 +147,7 @@ def plan(dry_run: bool, out: Path, boxes: dict, fake_sleep: dict) -> tuple:
     facts = []
     san = find_sanitizer()
     if san:
-        san_flags, filter_note = sanitizer_filter(san)
+        san_flags, filter_note = sanitizer_flags(san)
         facts.append(f"compute-sanitizer: {san}; {filter_note}")
     else:
         san_flags, filter_note = [], ""
@@ -199,7 +203,10 @@ import shutil, subprocess, sys
 def show(cmd):
     if not shutil.which(cmd[0]):
         print(f"{cmd[0]}: not found"); return
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"{cmd[0]}: failed ({e})"); return
     lines = (r.stdout + r.stderr).strip().splitlines() or ["(no output)"]
     print(cmd[0] + ":", lines[-1] if cmd[0] == "nvcc" else " | ".join(lines))
 show(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,compute_cap,clocks.sm,clocks.max.sm",
@@ -215,7 +222,7 @@ except Exception as e:
 
 BUILD_SCRIPT = r"""
 set -o pipefail
-{py} -m pip install -e . --no-build-isolation --no-deps -v || {{
+{py} -m pip install -e . --no-build-isolation --no-deps --no-index --disable-pip-version-check -v || {{
     echo "gpu_check: pip install -e failed; building in place (setup.py build_ext --inplace)"
     {py} setup.py build_ext --inplace || exit 1
 }}

@@ -6,27 +6,31 @@ and nvcc 13 with compute-sanitizer; nothing can be downloaded there):
 
     run(command="python3 tools/gpu_check.py", timeout_s=590)      # carry: none
 
+The run ends by 535 s whatever happens; with the machine's start-up (1-2 min) it fits one 15-minute lease
+once, with no room for a second full run: fetch the files, then give the machine back. The output tail
+ends with summary.txt and the timing table.
+
 Without a GPU (CI runs this through tests/test_gpu_check.py):
 
     python3 tools/gpu_check.py --dry-run [--out DIR]
 
-Steps, each in its own time box (seconds; they add up to 530, and a global deadline of 535 s shrinks or skips
+Steps, each in its own time box (seconds; they add up to 520, and a global deadline of 535 s shrinks or skips
 a step that would run past it), each step's output in $OUT/<log>, and a line per step appended to
 $OUT/summary.txt as soon as the step ends (a run cut short keeps what it finished):
 
   info       15  nvidia-smi (name, driver, compute capability), python / torch / nvcc versions, which
                  compute-sanitizer there is and whether it filters kernels by name     -> summary.txt
-  build     120  CHUNKKV_CUDA=1 pip install -e . --no-build-isolation --no-deps (no network), else
+  build      90  CHUNKKV_CUDA=1 pip install -e . --no-build-isolation --no-deps (no network), else
                  setup.py build_ext --inplace; -lineinfo for the sanitizers; targets the card's compute
                  capability only (CHUNKKV_CUDA_ARCHS); build_info()["cuda"] must be True -> build.log
   smoke      40  tests_gpu/smoke.py: every kernel once against the CPU core            -> smoke.log
   timing    100  tools/cuda_timing.py: score, select, gather, compact_ at L 8k/32k/128k, bf16 and fp16,
                  beside PyTorch on the GPU, with the copy bandwidth and bf16 matmul rate -> timing.log, .jsonl
-  tests_gpu 150  pytest tests_gpu, 6 workers (pytest-xdist) of 2 OpenMP threads each, 90 s per test
+  tests_gpu 130  pytest tests_gpu, 6 workers (pytest-xdist) of 2 OpenMP threads each, 90 s per test
                  (pytest-timeout) when those plugins are there                          -> tests_gpu.log
-  memcheck   50  compute-sanitizer --tool memcheck on smoke.py, chunkkv's kernels only (--kernel-name
+  memcheck   70  compute-sanitizer --tool memcheck on smoke.py, chunkkv's kernels only (--kernel-name
                  kns=ckv), --report-api-errors no, --error-exitcode 9                  -> sanitizer.log
-  racecheck  55  compute-sanitizer --tool racecheck, likewise                          -> sanitizer.log
+  racecheck  75  compute-sanitizer --tool racecheck, likewise                          -> sanitizer.log
 
 All later steps import the checkout's chunkkv (PYTHONPATH is the repository root), so an in-place build
 serves as well as an editable install. A missing compute-sanitizer or kernel filter is said in the summary,
@@ -75,7 +79,7 @@ class Step:
     ok_codes: tuple = (0,)  # exit statuses that count as success
 
 
-BOXES = {"info": 15, "build": 120, "smoke": 40, "timing": 100, "tests_gpu": 150, "memcheck": 50, "racecheck": 55}
+BOXES = {"info": 15, "build": 90, "smoke": 40, "timing": 100, "tests_gpu": 130, "memcheck": 70, "racecheck": 75}
 
 
 def find_sanitizer() -> Optional[str]:

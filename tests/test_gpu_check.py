@@ -204,3 +204,22 @@ def test_timing_budget_skips_cases(tmp_path):
     recs = [json.loads(ln) for ln in (tmp_path / "timing.jsonl").read_text().splitlines()]
     assert [x["kind"] for x in recs] == ["env", "ceiling", "ceiling"] + ["skipped"] * 4
     assert "4 case(s) skipped" in r.stdout
+
+
+def test_timing_case_that_raises_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
+    cuda_timing = _load("cuda_timing")
+    real = cuda_timing.torch_select
+
+    def broken(q, k, budget, chunk_size=10):
+        if k.shape[2] == 256:
+            raise RuntimeError("planted failure")
+        return real(q, k, budget, chunk_size)
+
+    monkeypatch.setattr(cuda_timing, "torch_select", broken)
+    assert cuda_timing.main(["--dry-run", "--out", str(tmp_path)]) == 1
+    recs = [json.loads(ln) for ln in (tmp_path / "timing.jsonl").read_text().splitlines()]
+    errors = [(x["dtype"], x["L"]) for x in recs if x["kind"] == "error"]
+    assert errors == [("bfloat16", 256), ("float16", 256)]
+    assert sorted({(x["dtype"], x["L"]) for x in recs if x["kind"] == "op"}) == [("bfloat16", 640), ("float16", 640)]
+    note = gpu_check.timing_note(tmp_path / "timing.jsonl")
+    assert "CHECKS FAILED" in note and "bfloat16 256 raised RuntimeError: planted failure" in note

@@ -13,7 +13,8 @@ once against the torch version: scores by relative error, indices by the fractio
 gather and compact_ bit for bit.
 
 Every record is appended to DIR/timing.jsonl as soon as it is measured (one JSON object a line: "env",
-"ceiling", "op" or "skipped"); the table goes to stdout. Exit status 1 when a check failed.
+"ceiling", "op", "skipped" or "error"); the table goes to stdout. Exit status 1 when a check failed or a
+case raised (the other cases still run).
 The torch algorithm is a copy of benchmarks/torch_ref.py's select (kept here so that this script imports
 nothing from benchmarks/), with its scoring half split out as torch_scores.
 """
@@ -26,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -322,7 +324,14 @@ def main(argv: list | None = None) -> int:
                 report.add(kind="skipped", dtype=d, L=l2, reason=f"time budget of {args.budget_s:.0f} s spent")
             print(f"cuda_timing: time budget spent, {len(cases) - n_done} case(s) skipped", flush=True)
             break
-        ok &= run_case(report, timer, device, cfg, dtype_name, L, (bw, rate))
+        try:
+            ok &= run_case(report, timer, device, cfg, dtype_name, L, (bw, rate))
+        except Exception as e:  # one broken case must not cost the others their figures
+            traceback.print_exc()
+            report.add(kind="error", dtype=dtype_name, L=L, error=f"{type(e).__name__}: {e}")
+            ok = False
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(f"cuda_timing: done in {time.perf_counter() - t_start:.1f} s; "
           f"{'all checks passed' if ok else 'SOME CHECKS FAILED'}; records in {report.path}", flush=True)
     return 0 if ok else 1

@@ -139,6 +139,7 @@ def child_env(arch: Optional[str]) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "CHUNKKV_NUM_THREADS"):
         env.setdefault(var, "2")  # 6 pytest workers x 2 threads on the 16-core machine
+    env.setdefault("CUDA_MODULE_LOADING", "LAZY")  # load (and instrument) only the kernels a step runs
     env["CHUNKKV_CUDA"] = "1"
     env["CHUNKKV_NVCC_FLAGS"] = (env.get("CHUNKKV_NVCC_FLAGS", "") + " -lineinfo").strip()
     if arch and "CHUNKKV_CUDA_ARCHS" not in env:
@@ -352,6 +353,7 @@ def timing_note(path: Path) -> str:
     ceil = {r["what"]: r["value"] for r in recs if r.get("kind") == "ceiling"}
     ops = [r for r in recs if r.get("kind") == "op"]
     bad = [f"{r['dtype']} {r['L']} {r['op']}" for r in ops if not r["check_ok"]]
+    bad += [f"{r['dtype']} {r['L']} raised {r['error']}" for r in recs if r.get("kind") == "error"]
     parts = []
     if "copy" in ceil:
         parts.append(f"copy {ceil['copy'] / 1e12:.2f} TB/s")

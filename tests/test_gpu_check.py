@@ -112,6 +112,14 @@ def test_the_deadline_skips_what_no_longer_fits(tmp_path):
         assert "SKIPPED" in lines[s] and "no time left before the 9 s deadline" in lines[s]
 
 
+def test_steps_left_out(tmp_path):
+    r, out = _run(tmp_path, "--skip", "tests_gpu", "--skip", "smoke", "--fake-sleep", "timing=0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = _step_lines(out)
+    assert list(lines) == STEPS and " ok " in lines["timing"]
+    assert "left out (--skip)" in lines["tests_gpu"] and "left out (--skip)" in lines["smoke"]
+
+
 def test_a_failed_build_skips_the_gpu_steps(tmp_path):
     r, out = _run(tmp_path, "--fake-sleep", "info=0", "--fake-sleep", "build=-1")  # time.sleep(-1) raises
     lines = _step_lines(out)

@@ -14,6 +14,9 @@ Without a GPU (CI runs this through tests/test_gpu_check.py):
 
     python3 tools/gpu_check.py --dry-run [--out DIR]
 
+--skip STEP leaves steps out (e.g. only build, smoke and timing for a shorter call); --box STEP=SECONDS
+changes a time box.
+
 Steps, each in its own time box (seconds; they add up to 520, and a global deadline of 535 s shrinks or skips
 a step that would run past it), each step's output in $OUT/<log>, and a line per step appended to
 $OUT/summary.txt as soon as the step ends (a run cut short keeps what it finished):
@@ -379,6 +382,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--deadline", type=float, default=DEADLINE_S, help=f"seconds for the whole run ({DEADLINE_S:.0f})")
     ap.add_argument("--fake-sleep", action="append", default=[], metavar="STEP=SECONDS",
                     help="(tests) replace a step's command by a sleep")
+    ap.add_argument("--skip", action="append", default=[], choices=list(BOXES), metavar="STEP",
+                    help="leave a step out (repeatable), e.g. a second short call for the timings alone")
     ap.add_argument("--quiet", action="store_true", help="do not echo the steps' output")
     args = ap.parse_args(argv)
 
@@ -406,6 +411,9 @@ def main(argv: Optional[list] = None) -> int:
                   f"started {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC, deadline {args.deadline:.0f} s, "
                   f"boxes " + " ".join(f"{k} {v:.0f}" for k, v in boxes.items()) + f" (sum {sum(boxes.values()):.0f} s)")
     steps, facts = plan(args.dry_run, out, boxes, fake_sleep)
+    for step in steps:
+        if step.name in args.skip:
+            step.skip = "left out (--skip)"
     arch = None if args.dry_run else compute_capability()
     facts.append(f"CUDA target: {'sm_' + arch if arch else 'the default ones (nvidia-smi gave no compute capability)'}")
     for fact in facts:

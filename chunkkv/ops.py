@@ -256,16 +256,17 @@ def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, 
               pool_max=pool == "max", n_sink=_int_arg(n_sink, "n_sink"), seed=_seed_arg(seed),
               stream=_stream_of(keys) or 0, row_starts=_row_starts_arg(row_starts), window=window,
               keep_fraction=float(keep_fraction))
-    if method == "chunkkv-kvpress" and n < L and L % max(chunk_size, 1) != 0:
-        out = _trim_padding(out)  # a host sync on CUDA: only reached when a row can keep the short last chunk
+    if method == "chunkkv-kvpress" and not (0 < chunk_size <= L and (n == L or L % chunk_size == 0)):
+        out = _trim_padding(out)  # a host sync on CUDA: skipped where no row can keep a short last chunk
     return out
 
 
 def _trim_padding(indices: Any) -> Any:
     """Drop the -1 columns chunkkv-kvpress pads with when the short last chunk was kept.
 
-    Rows pad only when L is not a multiple of chunk_size and fewer than all L tokens are kept (select skips
-    this call otherwise); then the output's width depends on the selection, so on CUDA this waits for it.
+    Rows pad only when L is not a multiple of chunk_size and fewer than all L tokens are kept; select skips
+    this call when chunk_size <= L and neither holds. Otherwise the output's width depends on the selection,
+    so on CUDA this waits for it.
     """
     kept = (indices >= 0).sum(-1)
     counts = {int(c) for c in (kept.tolist() if hasattr(kept, "tolist") else kept)}

@@ -197,14 +197,16 @@ def test_torch_cuda_is_never_set_up_for_another_framework(monkeypatch):
 
 
 def _kvpress_cases():
-    """(L, chunk_size, keep_fraction): padding impossible (L a multiple of the chunk, or every chunk kept)
-    and possible (a short last chunk that some rows keep and others do not)."""
-    return [(60, 10, 0.3, False), (60, 7, 1.0, False), (50, 60, 0.5, False), (64, 1, 0.2, False),
-            (61, 10, 0.3, True), (45, 7, 0.4, True), (103, 20, 0.25, True)]
+    """(L, chunk_size, keep_fraction, trimmed): padding impossible (L a multiple of the chunk, or every chunk
+    kept), possible (a short last chunk that some rows keep and others do not), and chunk_size > L, which
+    select always trims (one chunk; the core's arithmetic is not relied on there)."""
+    return [(60, 10, 0.3, False), (60, 7, 1.0, False), (60, 60, 0.5, False), (64, 1, 0.2, False),
+            (61, 10, 0.3, True), (45, 7, 0.4, True), (103, 20, 0.25, True),
+            (50, 60, 0.5, True), (8, 2**63 - 1, 0.5, True)]  # chunk_size > L: trimmed, as before
 
 
-@pytest.mark.parametrize("L, chunk, frac, may_pad", _kvpress_cases())
-def test_kvpress_trims_only_when_a_row_can_pad(monkeypatch, L, chunk, frac, may_pad):
+@pytest.mark.parametrize("L, chunk, frac, trimmed", _kvpress_cases())
+def test_kvpress_trims_only_when_a_row_can_pad(monkeypatch, L, chunk, frac, trimmed):
     """The trim (a host sync for CUDA indices) runs only where a row can keep the short last chunk; where it
     is skipped, the core's output holds no padding, so the result is the same as with the trim."""
     calls = []
@@ -223,4 +225,4 @@ def test_kvpress_trims_only_when_a_row_can_pad(monkeypatch, L, chunk, frac, may_
         got = chunkkv.select(q, k, **args)
         assert (got >= 0).all() and (np.diff(got, axis=-1) > 0).all()
         assert np.array_equal(got, real(got)), "a padded column survived"
-    assert bool(calls) == may_pad
+    assert bool(calls) == trimmed

@@ -98,7 +98,7 @@ def test_a_step_over_its_box_is_killed_and_the_next_steps_run(tmp_path):
     assert time.monotonic() - t0 < 40
     assert r.returncode == 1
     lines = _step_lines(out)
-    assert "TIMEOUT" in lines["smoke"] and "killed after 5 s" in lines["smoke"]
+    assert "TIMEOUT" in lines["smoke"] and "killed after 5 s; last output: sleeping" in lines["smoke"]
     assert " ok " in lines["timing"] and " ok " in lines["tests_gpu"]
     assert "killed after its 5 s box" in (out / "smoke.log").read_text()
 
@@ -156,8 +156,9 @@ def test_sanitizer_filter_detection(tmp_path):
 
 def test_sanitizer_summary_note():
     step = gpu_check.Step("memcheck", 50, "sanitizer.log", [], note="kernel filter --kernel-name kns=ckv")
-    tail = ["smoke: ok (cuda)", "========= ERROR SUMMARY: 0 errors"]
-    assert gpu_check.outcome_note(step, tail, Path(".")) == "ERROR SUMMARY: 0 errors; kernel filter --kernel-name kns=ckv"
+    tail = ["smoke: ok (cuda) in 9.1 s", "========= ERROR SUMMARY: 0 errors"]
+    assert (gpu_check.outcome_note(step, tail, Path("."))
+            == "smoke ok; ERROR SUMMARY: 0 errors; kernel filter --kernel-name kns=ckv")
     tail = ["========= Program hit cudaErrorNotSupported (error 801) on CUDA API call to cudaMallocAsync.",
             "========= ERROR SUMMARY: 1 error"]
     assert "1 CUDA API error reports" in gpu_check.outcome_note(step, tail, Path("."))

@@ -10,7 +10,10 @@ It imports the chunkkv of this checkout (an in-place build) before an installed 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+T0 = time.perf_counter()
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script, sys.path[0] is tests_gpu/: a build_ext --inplace lives in ROOT
@@ -29,6 +32,11 @@ import torch  # noqa: E402
 # elements; bf16 D 3: 6 bytes, single elements; "bhld_T" keeps D unit-stride, "strided_d" does not
 GATHER_CASES = [(torch.bfloat16, 24, "bhld_T"), (torch.float16, 4, "contiguous"), (torch.float32, 3, "bhld_T"),
                 (torch.bfloat16, 3, "contiguous"), (torch.float32, 8, "strided_d")]
+
+
+def progress(what: str) -> None:
+    """A line per stage: a run cut short (a sanitizer's time box) still shows how far it got."""
+    print(f"smoke: {what} ({time.perf_counter() - T0:.1f} s)", flush=True)
 
 
 def laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -52,12 +60,14 @@ def check_select(rng: np.random.Generator, dev: torch.device) -> None:
     s = chunkkv.score(q, kb, row_starts=starts)
     s_cpu = chunkkv.score(qn, kb.cpu(), row_starts=starts)
     np.testing.assert_allclose(s.cpu().numpy(), s_cpu.numpy(), rtol=1e-4, atol=1e-30)
+    progress("score ok")
     for method, extra in [("chunkkv", dict(chunk_size=7)), ("chunkkv", dict(chunk_size=1, per_head=True)),
                           ("snapkv", dict(pool_kernel=5)), ("streamingllm", {}), ("random", dict(seed=3))]:
         got = chunkkv.select(q, k, budget=60, row_starts=starts, method=method, **extra)
         want = chunkkv.select(qn, kn, budget=60, row_starts=starts, method=method, **extra)
         assert got.shape == tuple(want.shape), method
         assert (got.cpu().numpy() == want).mean() > 0.9, method  # near-ties aside
+        progress(f"select {method} {extra} ok")
     got = chunkkv.select(q.to(torch.float16), kb, budget=60, chunk_size=10)  # fp16 queries, bf16 keys
     assert got.shape == (B, 60)
     qa = torch.from_numpy(rng.standard_normal((B, Hkv * G, L, D)).astype(np.float32)).to(dev)  # h2o: all queries
@@ -65,6 +75,7 @@ def check_select(rng: np.random.Generator, dev: torch.device) -> None:
     assert got.shape == (B, 80)
     kvpress = dict(budget=0, method="chunkkv-kvpress", chunk_size=10, keep_fraction=0.3, pool_kernel=5)
     assert np.array_equal(chunkkv.select(q, k, **kvpress).cpu().numpy(), chunkkv.select(qn, kn, **kvpress))
+    progress("select fp16/bf16, h2o, chunkkv-kvpress ok")
 
 
 def check_gather(rng: np.random.Generator, dev: torch.device) -> None:
@@ -83,6 +94,7 @@ def check_gather(rng: np.random.Generator, dev: torch.device) -> None:
             assert ck.data_ptr() == k2.data_ptr()
             assert torch.equal(ck.cpu(), want_k) and torch.equal(cv.cpu(), want_v), (dtype, D, layout, "compact_")
             assert torch.equal(k2[:, :, n:], k[:, :, n:]), "compact_ wrote past n"
+        progress(f"gather, compact_ {dtype} D={D} {layout} ok")
 
 
 def main(argv: list[str]) -> None:
@@ -90,12 +102,14 @@ def main(argv: list[str]) -> None:
     dev = torch.device(argv[argv.index("--device") + 1] if "--device" in argv else "cuda")
     if dev.type == "cuda":
         assert chunkkv.build_info()["cuda"], "chunkkv was built without CUDA"
+        torch.zeros(1, device=dev)
+        progress(f"torch {torch.__version__} on {torch.cuda.get_device_name(dev)} ready")
     rng = np.random.default_rng(0)
     check_select(rng, dev)
     check_gather(rng, dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    print(f"smoke: ok ({dev.type})")
+    print(f"smoke: ok ({dev.type}) in {time.perf_counter() - T0:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ def outcome_note(step: Step, tail: list, out: Path) -> str:
         m = re.search(r"gpu_check: chunkkv from .*?(\{.*\})|installed: (\{.*\})", text)
         return (m.group(1) or m.group(2)) if m else ""
     if step.name == "smoke":
-        return next((ln for ln in reversed(tail) if ln.startswith("smoke:") or "Error" in ln), "")
+        return next((ln for ln in reversed(tail) if ln.startswith("smoke: ok") or "Error" in ln), "")
     if step.name == "tests_gpu":
         counts = next((ln.strip("= ") for ln in reversed(tail)
                        if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)|tests? collected|collected", ln)), "")
@@ -342,6 +342,8 @@ def outcome_note(step: Step, tail: list, out: Path) -> str:
         found = [ln.replace("========= ", "") for ln in tail if "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln]
         api = sum("Program hit" in ln for ln in tail)
         note = "; ".join(found) or next((ln for ln in reversed(tail) if ln.strip()), "")
+        if any(ln.startswith("smoke: ok") for ln in tail):
+            note = "smoke ok; " + note
         return note + (f" ({api} CUDA API error reports in the log tail)" if api else "") + f"; {step.note}"
     if step.name == "timing":
         return timing_note(out / "timing.jsonl")
@@ -471,7 +473,8 @@ def run_steps(steps: list, deadline: float, t_start: float, out: Path, env: dict
             failed = True
             if step.name == "build":
                 build_ok = False
-        note = outcome_note(step, tail, out) if rc is not None else f"killed after {box:.0f} s"
+        last = next((ln for ln in reversed(tail) if ln.strip() and not ln.startswith("[gpu_check")), "")
+        note = outcome_note(step, tail, out) if rc is not None else f"killed after {box:.0f} s; last output: {last}"
         if not ok and rc is not None and not note:
             note = next((ln for ln in reversed(tail) if ln.strip()), "")
         summary.write(f"{step.name:<10} {status:<10} {secs:>5.0f}s/{step.box:<4.0f} {note}")

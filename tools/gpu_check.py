@@ -75,7 +75,7 @@ class Step:
     name: str
     box: float  # seconds
     log: str  # file name under the output folder
-    command: Optional[list] = None  # None: decided when the step starts (see plan())
+    command: Optional[list] = None  # None only for a step that is skipped
     needs_build: bool = True
     note: str = ""
     skip: str = ""  # non-empty: the step is not run, this says why

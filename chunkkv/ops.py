@@ -45,21 +45,46 @@ def _check_tensor(x: Any, name: str) -> None:
             f"{name}: expected a torch.Tensor, a numpy.ndarray or an object with __dlpack__, got {type(x).__name__}")
 
 
-def _stream_of(x: Any) -> Optional[int]:
-    """The CUDA stream the caller is on, for a torch CUDA tensor (None elsewhere)."""
-    if _is_torch(x) and x.device.type == "cuda":
-        import torch
+# DLPack device types whose memory the CUDA kernels touch; a stream is exchanged only for these.
+# (kDLCUDAHost, pinned host memory, is read by the CPU: no stream.)
+_DL_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
-        return torch.cuda.current_stream(x.device).cuda_stream
-    return None
+
+def _stream_of(x: Any) -> Optional[int]:
+    """The CUDA stream (a cudaStream_t as an int) chunkkv's kernels run on for a CUDA tensor x, None for host
+    memory: the caller's current stream. That is torch's current stream on x's device once torch has set up
+    CUDA (so ``with torch.cuda.stream(s)`` holds for tensors of any framework), else the legacy default
+    stream, 0. The ops hand this same stream to every producer's ``__dlpack__`` (see _dlpack_stream)."""
+    try:
+        dev_type, dev_id = x.__dlpack_device__()
+    except (AttributeError, TypeError, ValueError):  # a producer that predates __dlpack_device__: host memory
+        return None
+    if int(dev_type) not in _DL_CUDA_DEVICES:
+        return None
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch (or set up its CUDA) for another framework's tensor
+    if torch is not None and torch.cuda.is_initialized():
+        return int(torch.cuda.current_stream(int(dev_id)).cuda_stream)
+    return 0
+
+
+def _dlpack_stream(stream: Optional[int]) -> Optional[int]:
+    """The DLPack ``stream`` argument for the consumer stream `stream` (DLPack Python spec, CUDA: None means
+    no synchronisation, 1 the legacy default stream, 2 the per-thread default stream, 0 is not allowed)."""
+    if stream is None:
+        return None
+    return 1 if stream == 0 else stream
 
 
 def _export(x: Any, name: str) -> Any:
-    """A DLPack capsule of x: versioned (1.x) when the producer offers it, else legacy."""
+    """A DLPack capsule of x: versioned (1.x) when the producer offers it, else legacy. For CUDA memory the
+    producer is given the stream the kernels will run on (_stream_of), so it orders its pending work on x
+    before them."""
     _check_tensor(x, name)
     if _is_torch(x):
         x = x.detach()
-    stream = _stream_of(x)
+    stream = _dlpack_stream(_stream_of(x))
     try:
         return x.__dlpack__(stream=stream, max_version=(1, 0))
     except TypeError:  # a producer that predates max_version
@@ -231,8 +256,8 @@ def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, 
               pool_max=pool == "max", n_sink=_int_arg(n_sink, "n_sink"), seed=_seed_arg(seed),
               stream=_stream_of(keys) or 0, row_starts=_row_starts_arg(row_starts), window=window,
               keep_fraction=float(keep_fraction))
-    if method == "chunkkv-kvpress":
-        out = _trim_padding(out)
+    if method == "chunkkv-kvpress" and not (0 < chunk_size <= L and (n == L or L % chunk_size == 0)):
+        out = _trim_padding(out)  # a host sync on CUDA: skipped where no row can keep a short last chunk
     return out
 
 
@@ -283,7 +308,12 @@ def select_from_scores(scores: Tensor, *, length: int, budget: int, chunk_size: 
 
 
 def _trim_padding(indices: Any) -> Any:
-    """Drop the -1 columns chunkkv-kvpress pads with when the short last chunk was kept."""
+    """Drop the -1 columns chunkkv-kvpress pads with when the short last chunk was kept.
+
+    Rows pad only when L is not a multiple of chunk_size and fewer than all L tokens are kept; select skips
+    this call when chunk_size <= L and neither holds. Otherwise the output's width depends on the selection,
+    so on CUDA this waits for it.
+    """
     kept = (indices >= 0).sum(-1)
     counts = {int(c) for c in (kept.tolist() if hasattr(kept, "tolist") else kept)}
     if len(counts) > 1:

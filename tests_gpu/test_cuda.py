@@ -1,6 +1,7 @@
 """The CUDA kernels against the CPU core and the NumPy reference (needs a GPU; not under tests/).
 
-Run: python -m pytest tests_gpu -q   (after pip install -e . on a machine with nvcc and a GPU)
+Run: python -m pytest tests_gpu -q   (after pip install -e . on a machine with nvcc and a GPU), or all of the
+GPU check at once: python3 tools/gpu_check.py
 
   * score: CUDA scores vs the float64 reference (the CPU tests' tolerance) and vs the CPU core;
     a NaN a row's query sees poisons exactly that (b, g), NaN in masked padding does not.
@@ -8,7 +9,9 @@ Run: python -m pytest tests_gpu -q   (after pip install -e . on a machine with n
     (chunkkv.score on the GPU), which pins the selection logic down exactly; vs the CPU core,
     a row may differ only at a near-tie of the two cores' float32 scores.
   * gather / compact_: bit-exact copies, any strides, in place, guard regions untouched.
-  * the caller's stream is used and nothing waits for the GPU; tensors on another GPU work.
+  * the caller's stream is used and nothing waits for the GPU (chunkkv-kvpress only where a row can pad);
+    a CuPy producer on its own stream is ordered before the kernels (DLPack stream exchange);
+    tensors on another GPU work.
 """
 from __future__ import annotations
 
@@ -615,23 +618,78 @@ def test_ops_queue_on_the_callers_stream_without_waiting():
 
     def work():
         k.copy_(k2)  # queued after the sleep: an op on another stream would read the old keys
+        s = chunkkv.score(q, k)
         idx = chunkkv.select(q, k, budget=256, row_starts=[0, 100])
         kk, vv = chunkkv.gather(k, v, idx)
         kc, vc = chunkkv.compact_(k, v, idx)
-        return idx, kk, vv
+        return s, idx, kk, vv
 
-    (idx, kk, vv), dt, busy = _sleep_then(work, side)
+    (s, idx, kk, vv), dt, busy = _sleep_then(work, side)
     assert busy, "the stream finished during the call: something waited for the GPU"
     assert dt < 0.5, f"the ops took {dt:.3f} s on the host behind a ~1 s GPU sleep: something waited"
     side.synchronize()
+    assert torch.equal(s, want_s), "scores are deterministic, and ran after the copy on the caller's stream"
     assert torch.equal(idx, want_idx)
     assert torch.equal(kk, k[:, :, :256]) and torch.equal(kk, torch.gather(
         k2, 2, want_idx[:, None, :, None].expand(2, 4, 256, 64)))
-    # ckv_score takes no stream: it runs on the default stream (inputs here are ready on every stream)
-    with torch.cuda.stream(side):
-        s = chunkkv.score(q, k2)
+
+
+@pytest.mark.skipif(not hasattr(torch.cuda, "_sleep"), reason="torch.cuda._sleep is not available")
+def test_kvpress_waits_only_when_a_row_can_pad():
+    """chunkkv-kvpress trims its padding on the host (the output's width depends on the selection): only when
+    a row can keep the short last chunk. With L a multiple of chunk_size nothing waits for the GPU."""
+    rng = np.random.default_rng(9)
+    q = torch.from_numpy(rng.standard_normal((2, 8, 8, 64)).astype(np.float32)).to(DEV)
+    k = torch.from_numpy(rng.standard_normal((2, 4, 3000, 64)).astype(np.float32)).to(DEV)
+    args = dict(budget=0, method="chunkkv-kvpress", chunk_size=10, keep_fraction=0.2)
+    want = chunkkv.select(q.cpu(), k.cpu(), **args)
+    chunkkv.select(q, k, **args)  # warm-up
     torch.cuda.synchronize()
-    assert torch.equal(s, want_s), "scores are deterministic"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    idx, dt, busy = _sleep_then(lambda: chunkkv.select(q, k, **args), side)
+    assert busy and dt < 0.5, f"L % chunk_size == 0: the select waited ({dt:.3f} s on the host)"
+    side.synchronize()
+    assert np.array_equal(idx.cpu().numpy(), want.numpy()) or (idx.cpu().numpy() == want.numpy()).mean() > 0.9
+    k_odd = k[:1, :, :2995]  # 299 chunks of 10 and one of 5, which the row may keep: then the host trims
+    n = int(chunkkv.ops._C.select_count(5, 0, 10, 0.2, 2995))
+    got = chunkkv.select(q[:1], k_odd, **args)
+    assert got.shape[1] in (n, n - 5) and (got >= 0).all()
+    assert (got[:, -1] == 2994).item() == (got.shape[1] == n - 5), "the short chunk is kept iff the row is trimmed"
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long t0 = clock64();
+    while (clock64() - t0 < cycles) { }
+}
+"""
+
+
+def test_cupy_producer_orders_its_stream_before_the_kernels():
+    """A CuPy producer on a non-blocking stream of its own: chunkkv passes its stream (torch's current one,
+    the legacy default here, as 1) to CuPy's __dlpack__, which makes it wait for CuPy's pending writes.
+    Without that exchange the kernels would read the keys before CuPy's delayed copy wrote them."""
+    cp = pytest.importorskip("cupy")
+    rng = np.random.default_rng(10)
+    kn = rng.standard_normal((2, 4, 1000, 32)).astype(np.float32)
+    vn = rng.standard_normal((2, 4, 1000, 32)).astype(np.float32)
+    idx_n = np.sort(np.stack([rng.choice(1000, 100, replace=False) for _ in range(2)]), -1)
+    want_k, want_v = ref.gather(kn.astype(np.float64), vn.astype(np.float64), idx_n)
+    spin = cp.RawKernel(_SPIN, "spin")
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        src_k, src_v, idx = cp.asarray(kn), cp.asarray(vn), cp.asarray(idx_n)
+        stream.synchronize()
+        k, v = cp.zeros_like(src_k), cp.zeros_like(src_v)
+        spin((1,), (1,), (np.int64(int(1e9)),))  # ~0.5 s of GPU time before the keys are written
+        k[...] = src_k
+        v[...] = src_v
+        ck, cv = chunkkv.compact_(k, v, idx)  # CuPy's current stream is `stream` here
+    torch.cuda.synchronize()
+    stream.synchronize()
+    assert np.array_equal(cp.asnumpy(ck).astype(np.float64), want_k), "read the keys before CuPy wrote them"
+    assert np.array_equal(cp.asnumpy(cv).astype(np.float64), want_v)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

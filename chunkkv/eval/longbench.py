@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """LongBench (v1) tasks: any task's .jsonl file(s), with its prompt template, generation length and metric.
 
---data is a .jsonl file, a comma list of them, or a folder of them (default ../shared/data/longbench);
+--data is a .jsonl file, a comma list of them, or a folder of them (default $CHUNKKV_SHARED/data/longbench);
 the task is the file name (``multi_news.jsonl``; LongBench-E's ``multi_news_e.jsonl`` is multi_news too).
 Each line has LongBench's fields (``input``, ``context``, ``answers``, ``all_classes``, ``_id``, ...).
 
@@ -9,9 +9,9 @@ As in LongBench's evaluation: the task's template is filled with the example, a 
 model allows is cut in the middle (its first and last halves of tokens are kept), the prompt goes through
 the chat template except for the few-shot and code-completion tasks (trec, triviaqa, samsum, lsht, lcc,
 repobench-p), generation is greedy up to the task's maximum length, the few-shot tasks' answers are cut
-to their first line, and the task's metric (benchmarks/metrics.py) is the best over the reference answers.
+to their first line, and the task's metric (chunkkv/eval/metrics.py) is the best over the reference answers.
 
-    python benchmarks/longbench.py --data ../shared/data/longbench/multi_news.jsonl --limit 30 --budgets 0.1
+    chunkkv-eval longbench --data multi_news.jsonl --limit 30 --budgets 0.1
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
-import metrics as M  # noqa: E402
+from . import harness as C
+from . import metrics as M
 
 SCRIPT = "longbench"
 
@@ -147,11 +146,12 @@ def truncate_middle(tokenizer, text: str, max_tokens: int) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="chunkkv-eval longbench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     default = C.default_shared("data", "longbench")
     p.add_argument("--data", default=str(default) if default else None, required=default is None,
                    help="a LongBench .jsonl file, a comma list of them, or a folder (default "
-                        "../shared/data/longbench)")
+                        "$CHUNKKV_SHARED/data/longbench)")
     p.add_argument("--max-length", type=int, default=None,
                    help="prompt tokens before the middle is cut (default: model window - task max length - chat "
                         "template)")

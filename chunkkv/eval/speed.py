@@ -3,7 +3,7 @@
 
 Kernels, on the same tensors, in one run (ratios are what count on a noisy machine):
   chunkkv    the C core (chunkkv.compress)
-  torch_ref  the same algorithm as vectorised PyTorch (benchmarks/torch_ref.py)
+  torch_ref  the same algorithm as vectorised PyTorch (chunkkv/eval/torch_ref.py)
   kvpress    kvpress's ChunkKVPress(SnapKVPress(compression_ratio=0.9)).compress in its own venv
              (--kvpress-venv; its query projection, timed apart, is subtracted), else null
 and the per-layer cost with reuse=2 (a leader selects and gathers, a follower only gathers).
@@ -16,7 +16,7 @@ End to end with SmolLM2-135M-Instruct (skipped with --no-e2e): prefill time with
 compression, decode tokens per second, and KV memory (full, after compression, peak during prefill);
 with --kvpress-venv also kvpress's ChunkKV and a full cache in kvpress's own environment.
 
-    python benchmarks/speed.py --json benchmarks/results/speed.json [--quick]
+    chunkkv-eval speed --json benchmarks/results/speed.json [--quick]
 """
 from __future__ import annotations
 
@@ -35,9 +35,10 @@ import torch
 
 import chunkkv
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import torch_ref  # noqa: E402
+from . import torch_ref
+from .harness import RESULTS_DIR
+
+HERE = Path(__file__).resolve().parent  # the kvpress worker scripts lie beside this file
 
 HQ, HKV, D, WINDOW, CHUNK = 32, 8, 128, 32, 10  # Llama-3-8B attention, the paper's window and chunk
 
@@ -220,15 +221,17 @@ def e2e(lengths, new_tokens: int, ratio: float, kvpress_python: Path | None = No
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=Path, default=HERE / "results" / "speed.json")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="chunkkv-eval speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, default=RESULTS_DIR / "speed.json",
+                   help=f"results file (default {RESULTS_DIR / 'speed.json'})")
     p.add_argument("--quick", action="store_true", help="L in 4k, 8k; few repetitions; e2e at 1k only")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--kvpress-venv", type=Path, default=None, help="venv with kvpress (see parity_kvpress.py)")
     p.add_argument("--no-e2e", action="store_true")
     p.add_argument("--new-tokens", type=int, default=32)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     chunkkv.set_num_threads(args.threads)
@@ -266,7 +269,8 @@ def main() -> None:
               f"{100 * c['score_gflops'] / limits['fp32_gflops']:10.0f}% "
               f"{100 * c['gather_gbs'] / limits['bandwidth_gbs']:9.0f}%")
     print("(gather %bw of a 10% budget is a small copy, dominated by call overhead; see the 32k gather line above)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Shared code of the evaluation scripts in benchmarks/.
+"""Shared code of the evaluation commands (``chunkkv-eval``, :mod:`chunkkv.eval`).
 
 * command line: ``--model``, ``--methods``, ``--budgets``, ``--limit``, ``--out`` and the engine knobs
   (:func:`add_common_args`), method specs such as ``chunkkv:reuse=2`` (:func:`parse_methods`) and budgets
@@ -39,7 +39,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +46,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: import the chunkkv next to benchmarks/
-    sys.path.insert(0, str(ROOT))
-
-import chunkkv  # noqa: E402
-from chunkkv.cache import CompressedLayer  # noqa: E402
-from chunkkv.patching import PATCH_METHODS  # noqa: E402
+import chunkkv
+from chunkkv.cache import CompressedLayer
+from chunkkv.patching import PATCH_METHODS
 
 try:
     from tqdm.auto import tqdm
@@ -67,8 +62,28 @@ except ImportError:  # pragma: no cover - tqdm is in the bench extra
         def set_postfix_str(self, s): pass
 
 FULL = "full"
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-SHARED_DIR = Path(os.environ.get("CHUNKKV_SHARED", ROOT.parent / "shared"))
+
+
+def source_checkout() -> Optional[Path]:
+    """The git checkout chunkkv is imported from (an editable install), else None (an installed wheel)."""
+    root = Path(chunkkv.__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir() else None
+
+
+def _shared_dir() -> Optional[Path]:
+    # $CHUNKKV_SHARED, else ../shared beside a source checkout; an installed chunkkv needs no files
+    if os.environ.get("CHUNKKV_SHARED"):
+        return Path(os.environ["CHUNKKV_SHARED"])
+    root = source_checkout()
+    return root.parent / "shared" if root is not None else None
+
+
+_CHECKOUT = source_checkout()
+#: default folder of results: benchmarks/results in a source checkout, else ./results
+RESULTS_DIR = _CHECKOUT / "benchmarks" / "results" if _CHECKOUT else Path("results")
+#: default Markdown report: BENCHMARKS.md of a source checkout, else ./BENCHMARKS.md
+REPORT_FILE = _CHECKOUT / "BENCHMARKS.md" if _CHECKOUT else Path("BENCHMARKS.md")
+SHARED_DIR = _shared_dir()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +286,7 @@ def add_common_args(p: argparse.ArgumentParser, *, budgets: str, out: str, metho
     g.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16)")
     g.add_argument("--no-share-prefix", action="store_true",
                    help="prefill every job from scratch (default: share the unpatched prefill of a prompt's "
-                        "beginning between methods, see benchmarks/common.py)")
+                        "beginning between methods, see chunkkv/eval/harness.py)")
     g.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has a "
                                                                    "chat template")
     g.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa)")
@@ -754,7 +769,10 @@ def base_entry(job: Job, out: Output) -> dict:
 
 
 def default_shared(*parts: str) -> Optional[Path]:
-    """<shared>/parts... if it exists (shared = $CHUNKKV_SHARED or ../shared beside the repository)."""
+    """<shared>/parts... if it exists (shared = $CHUNKKV_SHARED, else ../shared beside a source checkout;
+    None for an installed chunkkv without $CHUNKKV_SHARED: its defaults need no files)."""
+    if SHARED_DIR is None:
+        return None
     p = SHARED_DIR.joinpath(*parts)
     return p if p.exists() else None
 

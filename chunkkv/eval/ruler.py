@@ -14,7 +14,7 @@ sentence boundaries at random depths. The prompt is the chat template (when the 
 the start of the answer given, as in RULER. Score: RULER's string match -- the fraction of expected
 strings found in the greedy answer (1/0 for the single-value tasks), x100.
 
-    python benchmarks/ruler.py --lengths 4096 --limit 5 --methods full,chunkkv,snapkv --budgets 0.1
+    chunkkv-eval ruler --lengths 4096 --limit 5 --methods full,chunkkv,snapkv --budgets 0.1
 """
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ import string
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
-import metrics as M  # noqa: E402
+from . import harness as C
+from . import metrics as M
 
 SCRIPT = "ruler"
 TASKS = ("passkey", "niah_single", "niah_multikey", "vt")
@@ -91,11 +90,12 @@ def make_sample(task: str, length: int, index: int, seed: int, hay_essays: C.Hay
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="chunkkv-eval ruler", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--lengths", default="4096", help="prompt lengths in tokens (capped at the model window)")
     p.add_argument("--haystack", default=None,
-                   help="essay folder for the niah tasks (default ../shared/data/niah/PaulGrahamEssays if "
+                   help="essay folder for the niah tasks (default $CHUNKKV_SHARED/data/niah/PaulGrahamEssays if "
                         "present, else the filler)")
     C.add_common_args(p, budgets="0.1,0.2", out=str(C.RESULTS_DIR / "ruler.json"), limit=5)
     args = p.parse_args(argv)

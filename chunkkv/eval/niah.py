@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Needle in a haystack: a sentence hidden at several depths of contexts of several lengths.
 
-The haystack is the .txt files of --haystack (default: ../shared/data/niah/PaulGrahamEssays beside the
-repository when present, else a repeated filler sentence), cut to each context length; the needle is
+The haystack is the .txt files of --haystack (default: $CHUNKKV_SHARED/data/niah/PaulGrahamEssays, or
+../shared beside a source checkout, when present, else a repeated filler sentence: no files needed), cut to each context length; the needle is
 inserted at each depth (a fraction of the haystack, moved back to a sentence end), the question asked
 after it (in the chat template when the tokenizer has one), and the start of the answer given.
 Score: the fraction of the needle's key phrases (--keywords) in the greedy answer, x100.
@@ -11,7 +11,7 @@ Score: the fraction of the needle's key phrases (--keywords) in the greedy answe
 method and budget (depth x length) under plots/ beside it, and prints tables (rows method x budget,
 columns context lengths or depths).
 
-    python benchmarks/niah.py --lengths 1024,2048,4096,8192 --depths 0,25,50,75,100 \\
+    chunkkv-eval niah --lengths 1024,2048,4096,8192 --depths 0,25,50,75,100 \\
         --methods full,chunkkv,chunkkv:reuse=2,snapkv --budgets 64,128,256,0.1
 """
 from __future__ import annotations
@@ -20,9 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
-import metrics as M  # noqa: E402
+from . import harness as C
+from . import metrics as M
 
 SCRIPT = "niah"
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -37,9 +36,10 @@ def user_prompt(context: str, question: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="chunkkv-eval niah", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--haystack", default=None,
-                   help="folder of .txt files (default: ../shared/data/niah/PaulGrahamEssays if present, else a "
+                   help="folder of .txt files (default: $CHUNKKV_SHARED/data/niah/PaulGrahamEssays if present, else a "
                         "generated filler); 'filler' forces the filler")
     p.add_argument("--lengths", default="1024,2048,4096,8192",
                    help="context lengths in prompt tokens (capped at the model window minus the answer)")

@@ -26,7 +26,7 @@ every decoding step compares like with like. Definitions, per full-attention lay
 
 Writes the JSON (per-layer lists and means; resumable), a figure per budget under plots/, and a table.
 
-    python benchmarks/fidelity.py --length 2048 --limit 4 --budgets 0.1,0.2
+    chunkkv-eval fidelity --length 2048 --limit 4 --budgets 0.1,0.2
 """
 from __future__ import annotations
 
@@ -37,11 +37,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
-import metrics as M  # noqa: E402
-from chunkkv.cache import layer_positions  # noqa: E402
-from chunkkv.patching import window_queries  # noqa: E402
+from . import harness as C
+from . import metrics as M
+from chunkkv.cache import layer_positions
+from chunkkv.patching import window_queries
 
 SCRIPT = "fidelity"
 INSTRUCTION = "Read the following text and summarize it.\n\n"
@@ -51,14 +50,14 @@ def prompt_texts(source: str, n: int) -> list[str]:
     if source == "multi_news":
         path = C.default_shared("data", "longbench", "multi_news.jsonl")
         if path is None:
-            raise SystemExit("--source multi_news: ../shared/data/longbench/multi_news.jsonl not found")
+            raise SystemExit("--source multi_news: <shared>/data/longbench/multi_news.jsonl not found (set CHUNKKV_SHARED)")
         with path.open(encoding="utf-8") as fh:
             rows = [json.loads(line) for _, line in zip(range(n), fh)]
         return [r["context"].replace("NEWLINE_CHAR", "\n") for r in rows]
     if source == "essays":
         folder = C.default_shared("data", "niah", "PaulGrahamEssays")
         if folder is None:
-            raise SystemExit("--source essays: ../shared/data/niah/PaulGrahamEssays not found")
+            raise SystemExit("--source essays: <shared>/data/niah/PaulGrahamEssays not found (set CHUNKKV_SHARED)")
         files = sorted(folder.glob("*.txt"))
         return [f.read_text(encoding="utf-8", errors="replace") for f in files[:n]]
     if source == "filler":
@@ -149,9 +148,11 @@ def teacher_forced(engine: C.Engine, capture: Capture, job: C.Job, teacher: list
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default=None, help="multi_news (default when ../shared has it), essays, filler or a "
-                                                  "text file")
+    p = argparse.ArgumentParser(prog="chunkkv-eval fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=None, help="multi_news (default when $CHUNKKV_SHARED, or ../shared beside a "
+                                                  "source checkout, has it), essays, filler (the default "
+                                                  "otherwise) or a text file")
     p.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
     p.add_argument("--new-tokens", type=int, default=16, help="decoded (teacher-forced) tokens compared")
     C.add_common_args(p, budgets="0.1,0.2", out=str(C.RESULTS_DIR / "fidelity.json"), limit=4,

@@ -8,8 +8,8 @@ everything else in the file (other sections, e.g. a speed table another script m
 hand-written text) is kept as it is. A section not yet in the file is appended at the end; a script
 without results leaves its section untouched. Plots under benchmarks/results/plots/ are linked.
 
-    python benchmarks/report.py            # benchmarks/results -> BENCHMARKS.md
-    python benchmarks/report.py --results DIR --output FILE
+    chunkkv-eval report            # benchmarks/results -> BENCHMARKS.md (in a source checkout)
+    chunkkv-eval report --results DIR --output FILE
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
+from . import harness as C
 
 SCRIPTS = {
     "niah": "Needle in a haystack",
@@ -64,6 +63,7 @@ def _config_line(path: Path, data: dict, root: Path) -> str:
             if k in ("haystack", "data", "source"):
                 v = ", ".join(Path(x).name for x in v) if isinstance(v, list) else Path(str(v)).name
             parts.append(f"{k}={v}")
+    path = path.resolve()
     rel = path.relative_to(root) if path.is_relative_to(root) else path
     runtime = data.get("runtime_s")
     rt = f", {runtime / 60:.1f} min of run time" if runtime else ""
@@ -71,7 +71,7 @@ def _config_line(path: Path, data: dict, root: Path) -> str:
 
 
 def section(script: str, files: list[tuple[Path, dict]], root: Path, output: Path, plots_dir: Path) -> str:
-    module = importlib.import_module(script)
+    module = importlib.import_module(f"chunkkv.eval.{script}")
     results: dict = {}
     for _, data in files:
         results.update(data["results"])
@@ -180,16 +180,18 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="chunkkv-eval report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(C.RESULTS_DIR), help="folder of results JSON files")
-    p.add_argument("--output", default=str(C.ROOT / "BENCHMARKS.md"), help="the Markdown file to update")
+    p.add_argument("--output", default=str(C.REPORT_FILE), help="the Markdown file to update")
     args = p.parse_args(argv)
     output = Path(args.output)
     text = output.read_text(encoding="utf-8") if output.exists() else HEADER
     found = load_results(Path(args.results))
     for script in SCRIPTS:
         if script in found:
-            text = replace_section(text, script, section(script, found[script], C.ROOT, output, Path(args.results) / "plots"))
+            text = replace_section(text, script, section(script, found[script], output.resolve().parent, output,
+                                                         Path(args.results) / "plots"))
     extra = []
     for name, fn in (("speed", speed_section), ("parity_kvpress", parity_section)):
         path = Path(args.results) / f"{name}.json"

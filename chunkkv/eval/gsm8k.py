@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GSM8K with k-shot chain-of-thought prompts (few-shot to many-shot), scored by the final number.
 
-The --train file (default ../shared/data/gsm8k/train.jsonl; lines with ``question`` and ``answer``, the
+The --train file (default $CHUNKKV_SHARED/data/gsm8k/train.jsonl; lines with ``question`` and ``answer``, the
 answer ending in ``#### <number>``) is split in two: its last --heldout problems are the evaluation set
 (unless --eval-file is given), and the --shots worked examples are drawn (seeded) from the rest, the same
 shots for every question. A shot is "Question: ...\\nAnswer: <reasoning> The answer is <n>." (the
@@ -9,7 +9,7 @@ calculator annotations <<...>> removed); the prompt is the shots followed by the
 template when the tokenizer has one. Greedy decoding stops at the next "Question:"; the prediction is the
 last number of the answer; the score is accuracy (x100).
 
-    python benchmarks/gsm8k.py --shots 8 --limit 100 --budgets 0.1
+    chunkkv-eval gsm8k --train train.jsonl --shots 8 --limit 100 --budgets 0.1
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common as C  # noqa: E402
-import metrics as M  # noqa: E402
+from . import harness as C
+from . import metrics as M
 
 SCRIPT = "gsm8k"
 INSTRUCTION = ("Solve the grade-school math problems. Think step by step and end every answer with "
@@ -61,7 +60,8 @@ def split(train: list[dict], heldout: int, shots: int, seed: int) -> tuple[list[
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="chunkkv-eval gsm8k", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     default = C.default_shared("data", "gsm8k", "train.jsonl")
     p.add_argument("--train", default=str(default) if default else None, required=default is None,
                    help="GSM8K train.jsonl (shots; and evaluation on its held-aside part)")

@@ -95,6 +95,12 @@ class BuildExt(build_ext):
     """Adds the CUDA objects (compiled with nvcc) when CUDA is asked for (CHUNKKV_CUDA)."""
 
     def build_extensions(self) -> None:
+        # Python's own link flags can carry -Wl,-rpath,<its lib folder> (pyenv, a self-built Python): the
+        # extension needs no libpython, and an installed wheel must not search this machine's folders
+        for attr in ("linker_so", "linker_so_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if isinstance(cmd, list):
+                setattr(self.compiler, attr, [a for a in cmd if not a.startswith(("-Wl,-rpath", "-Wl,-R"))])
         ext = self.extensions[0]
         nvcc = _find_nvcc()
         cu_files = sorted((SRC / "cuda").glob("*.cu"))

@@ -2,7 +2,7 @@
 # One prepared GPU check for a short loan of a CUDA machine (the lent H200: Python 3.12 with
 # torch 2.11+cu130, nvcc 13.0, pytest and pytest-xdist, no network). Fits in under 8 minutes:
 #
-#   1. build: pip install -e . with nvcc (no build isolation, no downloads); build_info()["cuda"] must be True
+#   1. build: CHUNKKV_CUDA=1 pip install -e . (nvcc; no build isolation, no downloads); build_info()["cuda"] must be True
 #   2. tests_gpu/: the CUDA kernels against the CPU core and the reference        (time-boxed 210 s)
 #   3. tests_gpu/smoke.py, then under compute-sanitizer memcheck and racecheck     (time-boxed 3 x 60 s)
 #   4. the core tests on the CPU: tests/test_{build,score,select,gather,methods}.py (time-boxed 120 s)
@@ -48,13 +48,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2
 "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpus', torch.cuda.device_count())"
 command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc: not on PATH (setup.py also looks in CUDA_HOME, CUDA_PATH, /usr/local/cuda)"
 
-step "build (pip install -e ., CUDA objects with nvcc)"
+step "build (CHUNKKV_CUDA=1 pip install -e ., CUDA objects with nvcc)"
 t0=$(date +%s)
-"$PY" -m pip install -e . --no-build-isolation --no-deps -v >"$LOGS/build.log" 2>&1
+CHUNKKV_CUDA=1 "$PY" -m pip install -e . --no-build-isolation --no-deps -v >"$LOGS/build.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then  # an old pip or setuptools without PEP 660 editables: build in place instead
     echo "pip install -e failed (exit $rc); trying setup.py build_ext --inplace" | tee -a "$LOGS/build.log"
-    "$PY" setup.py build_ext --inplace >>"$LOGS/build.log" 2>&1
+    CHUNKKV_CUDA=1 "$PY" setup.py build_ext --inplace >>"$LOGS/build.log" 2>&1
     rc=$?
 fi
 grep -E "chunkkv: |nvcc .*error|warning|Error" "$LOGS/build.log" | grep -v "Running pip as\|Deprecat\|license" | tail -20

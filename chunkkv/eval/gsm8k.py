@@ -14,7 +14,6 @@ last number of the answer; the score is accuracy (x100).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys
@@ -28,9 +27,9 @@ INSTRUCTION = ("Solve the grade-school math problems. Think step by step and end
                "\"The answer is <number>.\"")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_jsonl(path: str | Path, default_split: str = "train") -> list[dict]:
+    """Rows of a .jsonl file, or of hf:NAME[:CONFIG[:SPLIT]] (e.g. hf:openai/gsm8k:main:train)."""
+    return C.read_records(path, default_split=default_split)
 
 
 def clean_solution(answer: str) -> str:
@@ -64,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     default = C.default_shared("data", "gsm8k", "train.jsonl")
     p.add_argument("--train", default=str(default) if default else None, required=default is None,
-                   help="GSM8K train.jsonl (shots; and evaluation on its held-aside part)")
+                   help="GSM8K train.jsonl (shots; and evaluation on its held-aside part), or "
+                        "hf:openai/gsm8k:main:train with the datasets package, online")
     p.add_argument("--eval-file", default=None, help="evaluate on this jsonl instead of the held-aside part")
     p.add_argument("--heldout", type=int, default=1000, help="size of the held-aside evaluation part (default 1000)")
     p.add_argument("--shots", type=int, default=8, help="worked examples in the prompt (8; 50+ for many-shot)")
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     budgets = C.parse_budgets(args.budgets)
     train = read_jsonl(args.train)
     if args.eval_file:
-        shots, evalset = random.Random(args.seed).sample(train, args.shots), read_jsonl(args.eval_file)
+        shots, evalset = random.Random(args.seed).sample(train, args.shots), read_jsonl(args.eval_file, "test")
     else:
         shots, evalset = split(train, args.heldout, args.shots, args.seed)
     evalset = evalset[: args.limit] if args.limit else evalset

@@ -777,6 +777,39 @@ def default_shared(*parts: str) -> Optional[Path]:
     return p if p.exists() else None
 
 
+HF_PREFIX = "hf:"
+
+
+def is_hf_spec(spec: str) -> bool:
+    """Whether a data argument names a Hugging Face dataset (``hf:NAME[:CONFIG[:SPLIT]]``)."""
+    return spec.strip().startswith(HF_PREFIX)
+
+
+def read_records(spec: str | os.PathLike, default_split: str = "test") -> list[dict]:
+    """The rows of a local ``.jsonl`` file, or of ``hf:NAME[:CONFIG[:SPLIT]]`` through the ``datasets``
+    package (when installed and online; e.g. ``hf:openai/gsm8k:main:train``)."""
+    text = os.fspath(spec).strip()
+    if not is_hf_spec(text):
+        with open(Path(text).expanduser(), encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    parts = text[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise SystemExit(f"{text!r}: expected hf:NAME[:CONFIG[:SPLIT]], e.g. hf:openai/gsm8k:main:train")
+    name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 and parts[2] else default_split
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(f"{text}: the Hugging Face `datasets` package is not installed (pip install datasets); "
+                         "or give a local .jsonl file") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, ...: say which and how to avoid it
+        raise SystemExit(f"{text}: datasets.load_dataset({name!r}, {config!r}, split={split!r}) failed: {e}; "
+                         "give a local .jsonl file instead") from None
+    return [dict(r) for r in rows]
+
+
 def common_config(args: argparse.Namespace) -> dict:
     return {"model": args.model, "methods": args.methods, "budgets": args.budgets, "limit": args.limit,
             "chat_template": not args.no_chat_template, "share_prefix": not args.no_share_prefix,

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """LongBench (v1) tasks: any task's .jsonl file(s), with its prompt template, generation length and metric.
 
---data is a .jsonl file, a comma list of them, or a folder of them (default $CHUNKKV_SHARED/data/longbench);
+--data is a .jsonl file, a comma list of them, or a folder of them (default $CHUNKKV_SHARED/data/longbench),
+or ``hf:NAME:TASK[:SPLIT]`` to load a task with the Hugging Face ``datasets`` package (installed and online);
 the task is the file name (``multi_news.jsonl``; LongBench-E's ``multi_news_e.jsonl`` is multi_news too).
 Each line has LongBench's fields (``input``, ``context``, ``answers``, ``all_classes``, ``_id``, ...).
 
@@ -16,7 +17,6 @@ to their first line, and the task's metric (chunkkv/eval/metrics.py) is the best
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -111,7 +111,12 @@ def score(task: str, prediction: str, example: dict) -> float:
     raise ValueError(metric)
 
 
-def task_of(path: Path) -> str:
+def task_of(path: Path | str) -> str:
+    if isinstance(path, str):  # hf:NAME:TASK[:SPLIT]
+        parts = path[len(C.HF_PREFIX):].split(":")
+        if len(parts) < 2 or not parts[1]:
+            raise SystemExit(f"{path}: expected hf:NAME:TASK[:SPLIT], e.g. hf:THUDM/LongBench:multi_news")
+        path = Path(parts[1])
     name = path.stem
     if name not in TASKS and name.endswith("_e") and name[:-2] in TASKS:
         name = name[:-2]
@@ -120,9 +125,13 @@ def task_of(path: Path) -> str:
     return name
 
 
-def data_files(spec: str) -> list[Path]:
-    out = []
+def data_files(spec: str) -> list[Path | str]:
+    """The task files of --data; ``hf:NAME:TASK[:SPLIT]`` entries (Hugging Face datasets) are kept as given."""
+    out: list[Path | str] = []
     for part in spec.split(","):
+        if C.is_hf_spec(part):
+            out.append(part.strip())
+            continue
         p = Path(part.strip()).expanduser()
         if p.is_dir():
             out.extend(sorted(f for f in p.glob("*.jsonl") if f.stem in TASKS or f.stem[:-2] in TASKS))
@@ -176,8 +185,7 @@ def main(argv=None) -> int:
     examples = []
     for f in files:
         task = task_of(f)
-        with f.open(encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        rows = C.read_records(f, default_split="test")
         for i, ex in enumerate(rows[: args.limit] if args.limit else rows):
             examples.append((task, str(ex.get("_id") or i), ex))
     plan = [(C.make_key(task, eid, spec.label, C.budget_label(b)), task, eid, ex, spec, b)

@@ -22,7 +22,6 @@ import argparse
 import random
 import string
 import sys
-from pathlib import Path
 
 from . import harness as C
 from . import metrics as M

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What the evaluation harness's generation engine (chunkkv/eval/harness.py) saves, measured.
 
-One NIAH-like prompt, the jobs one NIAH cell runs (the full cache and four methods at one budget), greedy,
-on one thread (torch and the C core), generated four ways; the outputs of every way must be equal:
+One NIAH-like prompt, the jobs one NIAH cell runs (the full cache, then each method at each budget), greedy,
+on one thread (torch and the C core), after a warm-up, generated four ways; every way's outputs must be equal:
 
   generate       model.generate per job under chunkkv.patch (every job prefills the whole prompt)
   loop           the engine without prefix sharing or batching (a per-job greedy loop)
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=1500, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--methods", default="full,chunkkv,chunkkv:reuse=2,snapkv,streamingllm")
-    p.add_argument("--budget", default="0.1")
+    p.add_argument("--budgets", default="0.1")
     p.add_argument("--ways", default="generate,loop,shared,shared+batch")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -42,9 +42,10 @@ def main(argv=None) -> int:
                        args.tokens, [(0.4, needle)])
     specs = C.parse_methods(args.methods)
     jobs = [C.Job(f"{s.label}|{C.budget_label(b)}", ids, s, b, args.new_tokens)
-            for s, b in C.runs(specs, C.parse_budgets(args.budget))]
+            for s, b in C.runs(specs, C.parse_budgets(args.budgets))]
     print(f"{args.model}: prompt {len(ids)} tokens, {len(jobs)} jobs x {args.new_tokens} new tokens, "
           f"1 thread (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})", flush=True)
+    C.Engine(model, tok, progress=False).run(jobs[:2])  # warm-up: allocations, thread pools, kernel choice
     results = {}
     for way in args.ways.split(","):
         t0 = time.perf_counter()

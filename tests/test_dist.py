@@ -2,7 +2,9 @@
 chunkkv-eval command with its seven subcommands (the wheel itself: tools/check_wheel.sh)."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +112,31 @@ def test_sdist_manifest_ships_what_the_build_and_tests_need():
     for folder in ("src", "tests", "tests_gpu"):
         assert re.search(rf"^graft {folder}$", manifest, re.M), folder
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+
+
+def _setup_version(cuda: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CHUNKKV_CUDA"}
+    if cuda is not None:
+        env["CHUNKKV_CUDA"] = cuda
+    return subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+
+
+def _nvcc_found() -> bool:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    return shutil.which("nvcc") is not None or any(h and Path(h, "bin", "nvcc").exists() for h in homes)
+
+
+def test_setup_builds_cuda_only_when_asked():
+    """setup.py: the default build is CPU (plain version) even with nvcc on PATH; CHUNKKV_CUDA=1 tags the
+    version +cuNN; a bad value is refused by name."""
+    pytest.importorskip("setuptools")
+    default = _setup_version(None)
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert default.stdout.strip().splitlines()[-1] == chunkkv.__version__
+    bad = _setup_version("maybe")
+    assert bad.returncode != 0 and "CHUNKKV_CUDA='maybe'" in bad.stderr + bad.stdout
+    if _nvcc_found():
+        cuda = _setup_version("1")
+        assert cuda.returncode == 0, cuda.stderr[-2000:]
+        assert re.fullmatch(re.escape(chunkkv.__version__) + r"\+cu\d+", cuda.stdout.strip().splitlines()[-1])

@@ -33,14 +33,17 @@ where = Path(chunkkv.__file__).resolve()
 assert root not in where.parents, f"chunkkv imported from the source tree: {where}"
 assert "patch" in dir(chunkkv), "patch missing from dir(chunkkv)"
 assert (where.parent / "py.typed").is_file(), "py.typed missing"
+import importlib.metadata
+
 info = chunkkv.build_info()
-assert info["openmp"] and not info["cuda"], info
+version = importlib.metadata.version("chunkkv")
+assert info["openmp"] and info["cuda"] == ("+cu" in version), (version, info)  # CUDA only in a +cuNN wheel
 rng = np.random.default_rng(0)
 q = rng.standard_normal((1, 4, 8, 16), dtype=np.float32)
 k = rng.standard_normal((1, 2, 200, 16), dtype=np.float32)
 idx = chunkkv.select(q, k, budget=40, chunk_size=10)
 assert idx.shape == (1, 40), idx.shape
-print(f"import ok from {where.parent}: {info}")
+print(f"import ok from {where.parent}: chunkkv {version}, {info}")
 PYEOF
 "$WORK/venv/bin/chunkkv-eval" --help >/dev/null
 for cmd in niah longbench ruler gsm8k fidelity speed report; do

@@ -20,9 +20,14 @@ fi
 export PATH="$PWD/$TOOLS/bin:$PATH"  # auditwheel finds patchelf on PATH
 export CHUNKKV_CUDA=${CHUNKKV_CUDA:-0}
 
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 rm -rf dist
-# sdist first, then the wheel from the unpacked sdist: a file missing from the sdist fails here
-"$TOOLS/bin/python" -m build --outdir dist .
+# the sdist (always the plain version: CUDA is a build-time choice), then the wheel from the unpacked sdist,
+# so a file missing from the sdist fails here
+CHUNKKV_CUDA=0 "$TOOLS/bin/python" -m build --sdist --outdir dist .
+tar -xzf dist/chunkkv-*.tar.gz -C "$tmp"
+"$TOOLS/bin/python" -m build --wheel --outdir dist "$tmp"/chunkkv-*/
 wheel=$(ls dist/chunkkv-*.whl)
 echo "== built $wheel"
 "$TOOLS/bin/auditwheel" show "$wheel"
@@ -33,13 +38,12 @@ mkdir -p wheelhouse
 repaired=$(ls -t wheelhouse/chunkkv-*manylinux*.whl | head -1)
 echo "== repaired: $repaired"
 "$TOOLS/bin/auditwheel" show "$repaired"
-# no folder of this machine in the extension (RUNPATH, file names in the binary)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-"$TOOLS/bin/python" -m zipfile -e "$repaired" "$tmp"
-so=$(ls "$tmp"/chunkkv/_C*.so)
-if strings "$so" | grep -F "$PWD"; then
-    echo "error: $so names the build folder $PWD (above)" >&2
+# no folder of the build in the extension (RUNPATH, file names in the binary)
+mkdir "$tmp/wheel"
+"$TOOLS/bin/python" -m zipfile -e "$repaired" "$tmp/wheel"
+so=$(ls "$tmp"/wheel/chunkkv/_C*.so)
+if strings "$so" | grep -E "$PWD|$tmp|build-via-sdist"; then
+    echo "error: $so names a build folder (above)" >&2
     exit 1
 fi
 readelf -d "$so" | grep -E "RPATH|RUNPATH|NEEDED" || true

@@ -50,7 +50,8 @@ def prompt_texts(source: str, n: int) -> list[str]:
     if source == "multi_news":
         path = C.default_shared("data", "longbench", "multi_news.jsonl")
         if path is None:
-            raise SystemExit("--source multi_news: <shared>/data/longbench/multi_news.jsonl not found (set CHUNKKV_SHARED)")
+            raise SystemExit("--source multi_news: <shared>/data/longbench/multi_news.jsonl not found "
+                             "(set CHUNKKV_SHARED)")
         with path.open(encoding="utf-8") as fh:
             rows = [json.loads(line) for _, line in zip(range(n), fh)]
         return [r["context"].replace("NEWLINE_CHAR", "\n") for r in rows]

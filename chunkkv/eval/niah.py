@@ -2,9 +2,10 @@
 """Needle in a haystack: a sentence hidden at several depths of contexts of several lengths.
 
 The haystack is the .txt files of --haystack (default: $CHUNKKV_SHARED/data/niah/PaulGrahamEssays, or
-../shared beside a source checkout, when present, else a repeated filler sentence: no files needed), cut to each context length; the needle is
-inserted at each depth (a fraction of the haystack, moved back to a sentence end), the question asked
-after it (in the chat template when the tokenizer has one), and the start of the answer given.
+../shared beside a source checkout, when present, else a repeated filler sentence: no files needed), cut
+to each context length; the needle is inserted at each depth (a fraction of the haystack, moved back to a
+sentence end), the question asked after it (in the chat template when the tokenizer has one), and the start
+of the answer given.
 Score: the fraction of the needle's key phrases (--keywords) in the greedy answer, x100.
 
 --limit N keeps the first N (length, depth) cells. Writes the results JSON (resumable), one heatmap per

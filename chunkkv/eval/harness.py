@@ -34,9 +34,13 @@ NIAH cell -- full, then chunkkv, chunkkv:reuse=2, snapkv, streamingllm at budget
 each, one thread, on the shared 2-core development machine under load, so only the ratios mean much; every
 way's tokens were equal): ``model.generate`` per job 280 s, the engine's per-job greedy loop 325 s, prefix
 sharing 113 s (x2.9 over the loop), prefix sharing + batched decoding 67 s (x1.7 more; x4.2 over
-``model.generate``). With 5 jobs x 24 tokens: generate 90 s, loop 40 s, shared 22 s, shared+batch 18 s. Both
-are kept for that; everything else is the plain greedy loop (:meth:`Engine._decode_single`, also used for
-caches that cannot be stacked: sliding-window layers, other attention implementations).
+``model.generate``). With 5 jobs x 24 tokens: generate 90 s, loop 40 s, shared 22 s, shared+batch 18 s.
+Sharing the common beginning of *different* prompts (``--ways no-lcp,shared+batch``, 3 prompts x 2 jobs x
+16 tokens): x2.1 when the prompts share 85-95% of their tokens (needle depths 0.85, 0.9, 0.95; the GSM8K
+shots are such a beginning), no gain seen when they share 25-75% (depths 0.25, 0.5, 0.75: 77 s against
+52 s without it, within this machine's noise). All three are kept for that; everything else is the plain
+greedy loop (:meth:`Engine._decode_single`, also used for caches that cannot be stacked: sliding-window
+layers, other attention implementations).
 """
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ def compile_cuda(nvcc: str, cu_files, build_temp, sanitize: bool = False) -> tup
     out_dir = Path(build_temp) / "cuda"
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "--expt-relaxed-constexpr",
-             "-I", str(ROOT / "src")] + _arch_flags()
+             "-I", str(ROOT / "src"),
+             "-Xcompiler", f"-ffile-prefix-map={ROOT}=."] + _arch_flags()  # no build folder in the .so
     if sanitize:  # debuggable host code and line info in the kernels (compute-sanitizer); no ASan in .cu
         flags += ["-O1", "-g", "-lineinfo", "-Xcompiler", "-fno-omit-frame-pointer"]
     else:

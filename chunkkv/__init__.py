@@ -19,5 +19,11 @@ def __getattr__(name: str):
         return getattr(_patch_module, name)
     raise AttributeError(f"module 'chunkkv' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    # the lazy names (__getattr__) are listed too, so dir(chunkkv) and completion show patch
+    return sorted(set(globals()) | set(__all__) | {"ChunkKVPatch"})
+
+
 __all__ = ["build_info", "compact_", "compress", "gather", "get_num_threads", "methods", "score", "select",
            "select_from_scores", "set_num_threads", "patch", "unpatch", "cache_kwarg", "__version__"]

@@ -454,8 +454,8 @@ def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, Pre
 
     * ``"smollm2"``: :func:`load_smollm2`.
     * ``"stories260k"``: :func:`load_stories260k` on the folder in ``$CHUNKKV_STORIES260K``,
-      else ``<shared>/models/stories260K`` where ``<shared>`` is ``$CHUNKKV_SHARED`` or the
-      ``shared`` folder next to the repository.
+      else ``<shared>/models/stories260K`` where ``<shared>`` is ``$CHUNKKV_SHARED`` or, for a
+      source checkout, the ``shared`` folder next to it.
     * a folder containing ``stories260K.bin`` (or that file itself): :func:`load_stories260k`.
     * a ``.gguf`` file: loaded (dequantized) through ``transformers``' GGUF support.
     * anything else: a local Hugging Face folder, via ``AutoModelForCausalLM`` and
@@ -490,5 +490,12 @@ def _default_stories_folder() -> Path:
     if explicit:
         return Path(explicit)
     shared = os.environ.get("CHUNKKV_SHARED")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
-    return base / "models" / "stories260K"
+    if shared:
+        return Path(shared) / "models" / "stories260K"
+    checkout = Path(__file__).resolve().parents[1]  # a source checkout (editable install): ../shared beside it
+    if (checkout / "pyproject.toml").is_file():
+        return checkout.parent / "shared" / "models" / "stories260K"
+    raise FileNotFoundError(
+        "model 'stories260k': set CHUNKKV_STORIES260K to the folder holding stories260K.bin and tok512.bin "
+        "(or CHUNKKV_SHARED to the shared folder), or pass that folder as the model"
+    )

@@ -29,7 +29,7 @@ trap cleanup EXIT
 
 # 1. a copy of the sources (no build outputs), built in place with the sanitizers and without CUDA
 extra=()
-for f in cuda_build.py README.md; do [[ -e "$ROOT/$f" ]] && extra+=("$f"); done
+for f in cuda_build.py README.md LICENSE; do [[ -e "$ROOT/$f" ]] && extra+=("$f"); done
 (cd "$ROOT" && tar -cf - --exclude='*.so' --exclude='__pycache__' --exclude='build' --exclude='*.egg-info' \
     --exclude='.hypothesis' setup.py pyproject.toml src chunkkv tests "${extra[@]}") | tar -xf - -C "$WORK"
 t0=$SECONDS

@@ -1,4 +1,4 @@
-"""Fast smoke tests of the evaluation scripts in benchmarks/: each runs as a subprocess on the tiny
+"""Fast smoke tests of the evaluation commands (chunkkv-eval, chunkkv/eval/): each runs as a subprocess on the tiny
 pretrained stories260K with short contexts and --limit 2, writes the expected JSON entries, and a rerun
 skips everything (resume). Plus unit tests of the shared helpers and a check that the engine's prefix
 sharing and batched decoding give exactly what model.generate gives under chunkkv.patch."""
@@ -14,11 +14,10 @@ import pytest
 
 from shared_data import missing, shared_dir, stories_folder
 
+from chunkkv.eval import harness as C
+from chunkkv.eval import report
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import common as C  # noqa: E402
-import report  # noqa: E402
 
 METHODS = "full,chunkkv,chunkkv:reuse=2,snapkv"
 
@@ -32,7 +31,7 @@ def shared_file(*parts: str) -> Path:
 
 def run_script(name: str, out: Path, *args: str) -> str:
     env = dict(os.environ, CHUNKKV_SHARED=str(shared_dir()), PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--model", str(stories_folder()), "--out", str(out),
+    cmd = [sys.executable, "-m", "chunkkv.eval", name, "--model", str(stories_folder()), "--out", str(out),
            "--quiet", "--threads", "1", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
@@ -45,7 +44,7 @@ def check_resume(name: str, out: Path, n: int, capsys, *args: str) -> None:
 
     before = json.loads(out.read_text())["results"]
     capsys.readouterr()
-    module = importlib.import_module(name)
+    module = importlib.import_module(f"chunkkv.eval.{name}")
     assert module.main(["--model", str(stories_folder()), "--out", str(out), "--quiet", *args]) == 0
     stdout = capsys.readouterr().out
     assert f"{n} already in" in stdout and " 0 to run" in stdout, stdout
@@ -91,9 +90,8 @@ def test_ruler(tmp_path, capsys):
 
 
 _SAMPLE_PROBE = """
-import hashlib, sys
-sys.path.insert(0, sys.argv[1])
-import common as C, ruler
+import hashlib
+from chunkkv.eval import harness as C, ruler
 
 class Bytes:  # a byte-level tokenizer without a chat template: no model or data needed
     chat_template = None
@@ -116,7 +114,7 @@ def test_ruler_samples_do_not_depend_on_the_hash_seed():
     hash seeds (set iteration order) must build the same prompts, or reruns and resumes mix prompts."""
     outs = []
     for hash_seed in ("1", "2"):
-        r = subprocess.run([sys.executable, "-c", _SAMPLE_PROBE, str(BENCH)], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", _SAMPLE_PROBE], capture_output=True, text=True,
                            timeout=300, env=dict(os.environ, PYTHONHASHSEED=hash_seed), cwd=ROOT)
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(r.stdout)

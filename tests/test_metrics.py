@@ -1,13 +1,9 @@
-"""The benchmark metrics (benchmarks/metrics.py) on hand-worked examples."""
+"""The evaluation metrics (chunkkv/eval/metrics.py) on hand-worked examples."""
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import metrics as M  # noqa: E402
+from chunkkv.eval import metrics as M
 
 approx = pytest.approx
 

@@ -1,7 +1,7 @@
 """The CUDA kernels against the CPU core and the NumPy reference (needs a GPU; not under tests/).
 
-Run: python -m pytest tests_gpu -q   (after pip install -e . on a machine with nvcc and a GPU), or all of the
-GPU check at once: python3 tools/gpu_check.py
+Run: python -m pytest tests_gpu -q   (after CHUNKKV_CUDA=1 pip install -e . on a machine with nvcc and a GPU), or
+all of the GPU check at once: python3 tools/gpu_check.py
 
   * score: CUDA scores vs the float64 reference (the CPU tests' tolerance) and vs the CPU core;
     a NaN a row's query sees poisons exactly that (b, g), NaN in masked padding does not.
@@ -41,7 +41,7 @@ DEV = torch.device("cuda", torch.cuda.current_device())
 
 @pytest.fixture(autouse=True)
 def _built_with_cuda():
-    assert chunkkv.build_info()["cuda"], "chunkkv was built without CUDA: reinstall with nvcc on PATH"
+    assert chunkkv.build_info()["cuda"], "chunkkv was built without CUDA: reinstall with CHUNKKV_CUDA=1 pip install -e . (nvcc needed)"
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""Shared code of the evaluation scripts in benchmarks/.
+"""Shared code of the evaluation commands (``chunkkv-eval``, :mod:`chunkkv.eval`).
 
 * command line: ``--model``, ``--methods``, ``--budgets``, ``--limit``, ``--out`` and the engine knobs
   (:func:`add_common_args`), method specs such as ``chunkkv:reuse=2`` (:func:`parse_methods`) and budgets
@@ -28,6 +28,19 @@ attention module gives it a mask of that layer's real slots per row, so rows of 
 per-layer budgets included), budget and prompt length can share a batch; each row keeps its own position
 ids. Batching changes float summation order only; greedy outputs are deterministic for a given set of
 jobs (tests/test_benchmarks_smoke.py checks them against ``model.generate``).
+
+*What they save* (``benchmarks/harness_gain.py``: SmolLM2-135M, a 1000-token NIAH prompt, the 13 jobs of one
+NIAH cell -- full, then chunkkv, chunkkv:reuse=2, snapkv, streamingllm at budgets 64, 128, 0.1 -- 48 new tokens
+each, one thread, on the shared 2-core development machine under load, so only the ratios mean much; every
+way's tokens were equal): ``model.generate`` per job 280 s, the engine's per-job greedy loop 325 s, prefix
+sharing 113 s (x2.9 over the loop), prefix sharing + batched decoding 67 s (x1.7 more; x4.2 over
+``model.generate``). With 5 jobs x 24 tokens: generate 90 s, loop 40 s, shared 22 s, shared+batch 18 s.
+Sharing the common beginning of *different* prompts (``--ways no-lcp,shared+batch``, 3 prompts x 2 jobs x
+16 tokens): x2.1 when the prompts share 85-95% of their tokens (needle depths 0.85, 0.9, 0.95; the GSM8K
+shots are such a beginning), no gain seen when they share 25-75% (depths 0.25, 0.5, 0.75: 77 s against
+52 s without it, within this machine's noise). All three are kept for that; everything else is the plain
+greedy loop (:meth:`Engine._decode_single`, also used for caches that cannot be stacked: sliding-window
+layers, other attention implementations).
 """
 from __future__ import annotations
 
@@ -39,7 +52,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +59,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: import the chunkkv next to benchmarks/
-    sys.path.insert(0, str(ROOT))
-
-import chunkkv  # noqa: E402
-from chunkkv.cache import CompressedLayer  # noqa: E402
-from chunkkv.patching import PATCH_METHODS  # noqa: E402
+import chunkkv
+from chunkkv.cache import CompressedLayer
+from chunkkv.patching import PATCH_METHODS
 
 try:
     from tqdm.auto import tqdm
@@ -67,8 +75,28 @@ except ImportError:  # pragma: no cover - tqdm is in the bench extra
         def set_postfix_str(self, s): pass
 
 FULL = "full"
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-SHARED_DIR = Path(os.environ.get("CHUNKKV_SHARED", ROOT.parent / "shared"))
+
+
+def source_checkout() -> Optional[Path]:
+    """The git checkout chunkkv is imported from (an editable install), else None (an installed wheel)."""
+    root = Path(chunkkv.__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "benchmarks").is_dir() else None
+
+
+def _shared_dir() -> Optional[Path]:
+    # $CHUNKKV_SHARED, else ../shared beside a source checkout; an installed chunkkv needs no files
+    if os.environ.get("CHUNKKV_SHARED"):
+        return Path(os.environ["CHUNKKV_SHARED"])
+    root = source_checkout()
+    return root.parent / "shared" if root is not None else None
+
+
+_CHECKOUT = source_checkout()
+#: default folder of results: benchmarks/results in a source checkout, else ./results
+RESULTS_DIR = _CHECKOUT / "benchmarks" / "results" if _CHECKOUT else Path("results")
+#: default Markdown report: BENCHMARKS.md of a source checkout, else ./BENCHMARKS.md
+REPORT_FILE = _CHECKOUT / "BENCHMARKS.md" if _CHECKOUT else Path("BENCHMARKS.md")
+SHARED_DIR = _shared_dir()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +299,7 @@ def add_common_args(p: argparse.ArgumentParser, *, budgets: str, out: str, metho
     g.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16)")
     g.add_argument("--no-share-prefix", action="store_true",
                    help="prefill every job from scratch (default: share the unpatched prefill of a prompt's "
-                        "beginning between methods, see benchmarks/common.py)")
+                        "beginning between methods, see chunkkv/eval/harness.py)")
     g.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has a "
                                                                    "chat template")
     g.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa)")
@@ -754,9 +782,45 @@ def base_entry(job: Job, out: Output) -> dict:
 
 
 def default_shared(*parts: str) -> Optional[Path]:
-    """<shared>/parts... if it exists (shared = $CHUNKKV_SHARED or ../shared beside the repository)."""
+    """<shared>/parts... if it exists (shared = $CHUNKKV_SHARED, else ../shared beside a source checkout;
+    None for an installed chunkkv without $CHUNKKV_SHARED: its defaults need no files)."""
+    if SHARED_DIR is None:
+        return None
     p = SHARED_DIR.joinpath(*parts)
     return p if p.exists() else None
+
+
+HF_PREFIX = "hf:"
+
+
+def is_hf_spec(spec: str) -> bool:
+    """Whether a data argument names a Hugging Face dataset (``hf:NAME[:CONFIG[:SPLIT]]``)."""
+    return spec.strip().startswith(HF_PREFIX)
+
+
+def read_records(spec: str | os.PathLike, default_split: str = "test") -> list[dict]:
+    """The rows of a local ``.jsonl`` file, or of ``hf:NAME[:CONFIG[:SPLIT]]`` through the ``datasets``
+    package (when installed and online; e.g. ``hf:openai/gsm8k:main:train``)."""
+    text = os.fspath(spec).strip()
+    if not is_hf_spec(text):
+        with open(Path(text).expanduser(), encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    parts = text[len(HF_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise SystemExit(f"{text!r}: expected hf:NAME[:CONFIG[:SPLIT]], e.g. hf:openai/gsm8k:main:train")
+    name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 and parts[2] else default_split
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit(f"{text}: the Hugging Face `datasets` package is not installed (pip install datasets); "
+                         "or give a local .jsonl file") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, ...: say which and how to avoid it
+        raise SystemExit(f"{text}: datasets.load_dataset({name!r}, {config!r}, split={split!r}) failed: {e}; "
+                         "give a local .jsonl file instead") from None
+    return [dict(r) for r in rows]
 
 
 def common_config(args: argparse.Namespace) -> dict:

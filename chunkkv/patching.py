@@ -327,8 +327,9 @@ class ChunkKVPatch:
         if ranks is not None and spec.core is not None and spec.core not in ranks.SUMMABLE \
                 and spec.core not in ranks.SCORELESS:
             raise ValueError(f"chunkkv: method {spec.name!r} cannot run under tensor parallelism (this rank holds "
-                             f"{queries.shape[1]} of {module.config.num_attention_heads} query heads and the method "
-                             f"ranks scores it does not expose); use method={_registry.DEFAULT!r}")
+                             f"{queries.shape[1]} of {module.config.num_attention_heads} query heads, and the method ranks "
+                             "pooled per-head scores the ranks cannot combine); use method="
+                             f"{_registry.DEFAULT!r}")
 
         def select(q: torch.Tensor, k: torch.Tensor, budget: int, row_starts: Optional[list[int]]) -> torch.Tensor:
             args = spec.select_args(cfg.method_args, window=window, budget=budget, length=L,

@@ -61,3 +61,28 @@ def run_case(model: torch.nn.Module, args: dict, kind: str, what: str) -> dict[s
 
 def run_cases(model: torch.nn.Module) -> dict[str, Any]:
     return {name: run_case(model, *case) for name, case in CASES.items()}
+
+
+def ranges(positions: list[int]) -> str:
+    """Sorted positions as compact ranges: [0, 1, 2, 5] -> "0-2, 5"."""
+    out: list[str] = []
+    for p in positions:
+        if out and p == last + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        else:
+            out.append(str(p))
+        last = p
+    return ", ".join(out)
+
+
+def summary(results: dict[str, Any], case: str = "chunkkv_reuse1", layer: int = 0) -> str:
+    """One line: what `case` kept at `layer` (row 0), or its error, or the decoded tokens."""
+    got = results[case]
+    if "error" in got:
+        return f"{case}: {got['error']}"
+    if "tokens" in got:
+        return f"{case}: decoded {got['tokens'].tolist()}"
+    pos = got["positions"][layer][0]
+    kept = "; ".join(f"head {h}: {ranges(p.tolist())}" for h, p in enumerate(pos)) if pos.ndim == 2 \
+        else ranges(pos.tolist())
+    return f"{case}, layer {layer}, row 0 kept {kept}"

@@ -68,7 +68,8 @@ def test_followers_on_other_devices_keep_their_leaders_positions(model_dir, spli
         assert keys.device == torch.device(layer_devices[i]), f"layer {i}: cache on {keys.device}"
         leader = (i // reuse) * reuse
         assert torch.equal(pos.cpu(), got["positions"][leader].cpu()), f"layer {i} differs from its leader {leader}"
-        assert torch.equal(pos.cpu(), want["positions"][i]), f"layer {i}: {pos.tolist()} vs CPU {want['positions'][i].tolist()}"
+        assert torch.equal(pos.cpu(), want["positions"][i]), \
+            f"layer {i}: {pos.tolist()} vs CPU {want['positions'][i].tolist()}"
         torch.testing.assert_close(keys.cpu(), want["keys"][i], rtol=1e-4, atol=1e-4)
     gen_args, gen_kind, _ = CASES["generate_reuse2_padded"]
     tokens = run_case(mapped, {**gen_args, "reuse": reuse}, gen_kind, "generate")["tokens"]

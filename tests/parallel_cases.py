@@ -3,12 +3,14 @@ process per rank) and on the same model in one process: what each patched prefil
 generate() decoded. Small on purpose: CI runs two ranks on shared CPU cores."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 import chunkkv
+from chunkkv import compressors
 from chunkkv.cache import layer_positions
 
 PROMPT = 150   # tokens of the single prompt; the padded batch's second row has PADDED_SHORT
@@ -24,6 +26,7 @@ CASES: dict[str, tuple[dict, str, str]] = {
     "h2o_shared": (dict(budget=64, method="h2o", per_head=False), "single", "prefill"),
     "chunkkv_padded": (dict(budget=64, reuse=2), "padded", "prefill"),
     "chunkkv_padded_ratio": (dict(keep_ratio=0.4, reuse=1), "padded", "prefill"),  # rows keep different budgets
+    "prototype_shared": (dict(budget=64, method="tp-prototype"), "padded", "prefill"),  # scores from Python
     "chunkkv_kvpress": (dict(budget=64, method="chunkkv-kvpress", window=16), "single", "prefill"),
     "generate_reuse2_padded": (dict(budget=64, reuse=2), "padded", "generate"),
 }
@@ -59,8 +62,20 @@ def run_case(model: torch.nn.Module, args: dict, kind: str, what: str) -> dict[s
             "keys": [la.keys.clone() for la in layers]}
 
 
+@dataclass(frozen=True)
+class PrototypeChunkKV(compressors.Method):
+    """ChunkKV's window-attention scores given from Python (the registry's prototype path)."""
+
+    def token_scores(self, queries, keys, *, scale, row_starts):
+        return chunkkv.score(queries, keys, scale=scale, row_starts=row_starts)
+
+
 def run_cases(model: torch.nn.Module) -> dict[str, Any]:
-    return {name: run_case(model, *case) for name, case in CASES.items()}
+    compressors.register(PrototypeChunkKV("tp-prototype", "ChunkKV scored in Python (tests/parallel_cases.py)"))
+    try:
+        return {name: run_case(model, *case) for name, case in CASES.items()}
+    finally:
+        compressors.unregister("tp-prototype")
 
 
 def ranges(positions: list[int]) -> str:

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from chunkkv.patching import Selection, compress_layer  # noqa: E402
+from chunkkv.patching import RankScores, Selection, compress_layer, window_queries  # noqa: E402
 from parallel_cases import CASES, run_case, run_cases  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -106,7 +106,8 @@ def test_rank_keeps_the_single_process_selection(case, ranks, single):
                                        msg=lambda m: f"{case}, rank {r}, layer {layer}: {m}")
 
 
-@pytest.mark.parametrize("case", ["chunkkv_reuse1", "chunkkv_reuse2", "chunkkv_padded", "snapkv_shared", "h2o_shared"])
+@pytest.mark.parametrize("case", ["chunkkv_reuse1", "chunkkv_reuse2", "chunkkv_padded", "snapkv_shared", "h2o_shared",
+                                  "prototype_shared"])
 def test_shared_selection_is_the_same_on_every_rank(case, ranks):
     first = ranks[0][case]["positions"]
     for r in range(1, WORLD):
@@ -166,3 +167,22 @@ def test_follower_gathers_the_leaders_indices():
     torch.testing.assert_close(kept.keys, torch.take_along_dim(k, idx[:, None, :, None], dim=2))
     assert torch.equal(kept.positions(), idx)
 
+
+
+def test_split_heads_without_a_process_group_are_refused():
+    """A layer whose q_proj gives fewer heads than the config names, with no sharded weight to find
+    the other ranks by, is an error rather than a selection from some of the heads."""
+    attn = tiny_model("llama").model.layers[0].self_attn
+    assert RankScores.of(attn, attn.config.num_attention_heads) is None  # all heads here: nothing to combine
+    attn.q_proj = torch.nn.Linear(64, 2 * attn.head_dim, bias=False)
+    with pytest.raises(ValueError, match=r"chunkkv: layer 0 holds 2 of 4 query heads"):
+        RankScores.of(attn, 2)
+
+
+def test_a_sharded_fused_qkv_proj_is_refused():
+    attn = tiny_model("phi3").model.layers[0].self_attn
+    hidden = torch.randn(1, 6, 64)
+    window_queries(attn, hidden, {"position_embeddings": (torch.ones(1, 6, 16), torch.zeros(1, 6, 16))}, 3)
+    attn.qkv_proj = torch.nn.Linear(64, attn.qkv_proj.out_features // 2, bias=False)  # one rank's half
+    with pytest.raises(ValueError, match=r"chunkkv: Phi3Attention.qkv_proj gives 64 features.*not supported"):
+        window_queries(attn, hidden, {}, 3)

@@ -327,8 +327,8 @@ class ChunkKVPatch:
         if ranks is not None and spec.core is not None and spec.core not in ranks.SUMMABLE \
                 and spec.core not in ranks.SCORELESS:
             raise ValueError(f"chunkkv: method {spec.name!r} cannot run under tensor parallelism (this rank holds "
-                             f"{queries.shape[1]} of {module.config.num_attention_heads} query heads, and the method ranks "
-                             "pooled per-head scores the ranks cannot combine); use method="
+                             f"{queries.shape[1]} of {module.config.num_attention_heads} query heads, and the method "
+                             "ranks pooled per-head scores the ranks cannot combine); use method="
                              f"{_registry.DEFAULT!r}")
 
         def select(q: torch.Tensor, k: torch.Tensor, budget: int, row_starts: Optional[list[int]]) -> torch.Tensor:
@@ -409,7 +409,10 @@ def _tensor_parallel_group(module: torch.nn.Module) -> Any:
     """The process group over which `module`'s query projection is sharded, or None."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return None
-    from torch.distributed.tensor import DTensor, Shard
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch < 2.4
+        from torch.distributed._tensor import DTensor, Shard
 
     proj = getattr(module, "q_proj", None)
     weight = getattr(proj, "weight", None)

@@ -322,6 +322,14 @@ class ChunkKVPatch:
         n_queries = spec.query_count(hidden.shape[1], window, max(budgets))
         queries = window_queries(module, hidden, kwargs, n_queries)
         scale = float(getattr(module, "scaling", queries.shape[-1] ** -0.5))
+        # tensor parallel: this rank holds some heads; a shared selection needs every rank's scores
+        ranks = RankScores.of(module, queries.shape[1]) if not cfg.per_head else None
+        if ranks is not None and spec.core is not None and spec.core not in ranks.SUMMABLE \
+                and spec.core not in ranks.SCORELESS:
+            raise ValueError(f"chunkkv: method {spec.name!r} cannot run under tensor parallelism (this rank holds "
+                             f"{queries.shape[1]} of {module.config.num_attention_heads} query heads, and the method "
+                             "ranks pooled per-head scores the ranks cannot combine); use method="
+                             f"{_registry.DEFAULT!r}")
 
         def select(q: torch.Tensor, k: torch.Tensor, budget: int, row_starts: Optional[list[int]]) -> torch.Tensor:
             args = spec.select_args(cfg.method_args, _registry.SelectContext(
@@ -333,8 +341,18 @@ class ChunkKVPatch:
             if spec.core is None:  # a method prototyped in Python: its scores, the C core's chunk pick
                 scores = spec.token_scores(q, k, scale=scale, row_starts=row_starts).to(torch.float32)
                 scores = scores if cfg.per_head else scores.sum(1)
+                if ranks is not None:
+                    scores = ranks.sum(scores)
                 return ops.select_from_scores(scores, length=L, budget=budget, chunk_size=cfg.chunk_size,
                                               method=spec.scores_rule, row_starts=row_starts)
+            if ranks is not None and spec.core in ranks.SUMMABLE:
+                # score()'s head sums, summed over the ranks, pick what select() picks from all heads
+                prefix = L - int(args.get("window", q.shape[-2]))
+                scores = ranks.sum(ops.score(q, k, scale=scale, row_starts=row_starts, prefix=prefix).sum(1))
+                return ops.select_from_scores(scores, length=L, budget=budget, chunk_size=cfg.chunk_size,
+                                              method=spec.core, row_starts=row_starts,
+                                              pool_kernel=int(args.get("pool_kernel", 1)),
+                                              pool=args.get("pool", "avg"))
             return ops.select(q, k, budget=budget, chunk_size=cfg.chunk_size, method=spec.core, **args)
 
         if len(set(budgets)) == 1:
@@ -347,6 +365,65 @@ class ChunkKVPatch:
         indices = torch.cat([torch.cat([x[..., :1].expand(*x.shape[:-1], d), x], dim=-1)
                              for x, d in zip(rows, dead)], dim=0)
         return Selection(indices, dead if any(dead) else None, L)
+
+
+class RankScores:
+    """Sums per-token scores over the ranks that share a layer's heads (transformers' tensor parallelism).
+
+    Under `from_pretrained(..., tp_plan="auto")` each rank's q_proj and k_proj give plain tensors of its
+    own heads, and its cache holds only those heads. A selection shared by all heads (ChunkKV) ranks
+    the scores summed over every head, so each rank sums its heads, the ranks all-reduce that sum over
+    the layer's process group, and every rank then picks the same positions. Per-head selections
+    need no communication: each head's choice depends on its own scores only.
+    """
+
+    #: core methods whose shared selection is a function of the head-summed token scores
+    SUMMABLE = ops._SCORE_METHODS
+    #: core methods that read no scores (the same positions on every rank already)
+    SCORELESS = ("streamingllm", "random")
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, local_heads: int) -> Optional["RankScores"]:
+        """The score combiner of `module` when it holds only `local_heads` of its query heads (None when
+        it holds them all); raises when the heads are split but no process group can be found."""
+        total = getattr(getattr(module, "config", None), "num_attention_heads", None)
+        if not isinstance(total, int) or local_heads >= total:
+            return None
+        group = _tensor_parallel_group(module)
+        if group is None:
+            raise ValueError(f"chunkkv: layer {module.layer_idx} holds {local_heads} of {total} query heads but its "
+                             "q_proj weight is not a sharded DTensor, so the ranks holding the other heads are "
+                             "unknown; load the model with transformers' tp_plan")
+        return cls(group)
+
+    def sum(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` (this rank's head sums, float32) summed over the ranks, in place; every rank gets the same."""
+        scores = scores.contiguous()
+        torch.distributed.all_reduce(scores, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        return scores
+
+
+def _tensor_parallel_group(module: torch.nn.Module) -> Any:
+    """The process group over which `module`'s query projection is sharded, or None."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch < 2.4
+        from torch.distributed._tensor import DTensor, Shard
+
+    proj = getattr(module, "q_proj", None)
+    weight = getattr(proj, "weight", None)
+    if not isinstance(weight, DTensor) or not any(isinstance(p, Shard) for p in weight.placements):
+        return None
+    mesh = weight.device_mesh
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    names = mesh.mesh_dim_names or ()
+    return mesh.get_group("tp") if "tp" in names else None
 
 
 def _row_starts(positions: Optional[torch.Tensor], pads: Optional[list[int]]) -> Optional[list[int]]:
@@ -497,9 +574,15 @@ def window_queries(module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict, 
     D = module.head_dim
     n_heads = module.config.num_attention_heads
     if hasattr(module, "q_proj"):
-        q = module.q_proj(h)
+        q = module.q_proj(h)  # under tensor parallelism: this rank's heads
     else:
-        q = module.qkv_proj(h)[..., : n_heads * D]
+        qkv = module.qkv_proj(h)
+        n_kv = getattr(module.config, "num_key_value_heads", None) or n_heads
+        if qkv.shape[-1] < (n_heads + 2 * n_kv) * D:
+            raise ValueError(f"chunkkv: {type(module).__name__}.qkv_proj gives {qkv.shape[-1]} features, fewer than "
+                             f"the {(n_heads + 2 * n_kv) * D} of all heads (tensor parallelism?); a sharded fused "
+                             "qkv_proj is not supported")
+        q = qkv[..., : n_heads * D]
     q = q.view(h.shape[0], window, -1, D)
     if hasattr(module, "q_norm"):
         q = module.q_norm(q)

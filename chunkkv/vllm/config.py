@@ -13,7 +13,7 @@ CONFIG_KEY = "chunkkv"
 #: methods that keep one set of positions for all heads of a layer, with an exact budget
 SHARED_METHODS = ("chunkkv", "streamingllm", "random")
 
-_KEYS = ("budget", "keep_ratio", "window", "chunk_size", "reuse", "method", "per_head", "n_sink", "seed")
+_KEYS = ("budget", "keep_ratio", "window", "chunk_size", "reuse", "method", "per_head", "n_sink", "seed", "free_tail")
 
 
 class ChunkKVConfigError(ValueError):
@@ -45,6 +45,7 @@ class ChunkKVConfig:
     method: str = "chunkkv"
     n_sink: int = 4
     seed: int = 0
+    free_tail: bool = True  # False keeps a compressed request's tail blocks (to test that freeing is exact)
 
     def kept_tokens(self, prompt_len: int) -> Optional[int]:
         """Tokens kept per layer after a prefill of ``prompt_len`` tokens, or None when nothing is dropped.
@@ -111,6 +112,9 @@ def parse(additional_config: Optional[Mapping[str, Any]]) -> Optional[ChunkKVCon
     reuse = _int(options, "reuse", 1, 1)
     n_sink = _int(options, "n_sink", 4, 0)
     seed = _int(options, "seed", 0, 0)
+    free_tail = options.get("free_tail", True)
+    if not isinstance(free_tail, bool):
+        raise _fail("free_tail", f"expected a bool, got {free_tail!r}")
     budget = keep_ratio = None
     if has_budget:
         budget = _int(options, "budget", 0, 1)
@@ -122,4 +126,4 @@ def parse(additional_config: Optional[Mapping[str, Any]]) -> Optional[ChunkKVCon
             raise _fail("keep_ratio", f"expected a fraction in (0, 1], got {keep_ratio!r}")
         keep_ratio = float(keep_ratio)
     return ChunkKVConfig(budget=budget, keep_ratio=keep_ratio, window=window, chunk_size=chunk_size, reuse=reuse,
-                         method=method, n_sink=n_sink, seed=seed)
+                         method=method, n_sink=n_sink, seed=seed, free_tail=free_tail)

@@ -19,6 +19,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     inprocess = spec.get("inprocess", True)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if inprocess else "1"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; else vLLM reserves most of the RAM
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=spec["model"], **spec["engine"])

@@ -63,17 +63,21 @@ def engine_result(name: str) -> dict:
         spec["engine"]["additional_config"] = {"chunkkv": CONFIG_B}
     elif name == "B_keep_tail":
         spec["engine"]["additional_config"] = {"chunkkv": {**CONFIG_B, "free_tail": False}}
-    elif name == "B_preempt":
-        spec["engine"]["additional_config"] = {"chunkkv": CONFIG_B}
-        spec["engine"]["num_gpu_blocks_override"] = PREEMPT_BLOCKS
-        spec["max_tokens"] = MAX_TOKENS
-        spec["abort"] = {"prompt": 2, "after_steps": 3}
+    elif name in ("P_uncontended", "P_preempt"):
+        # nine requests of 101-371 tokens, 96 outputs each: compressed, they are admitted quickly and then
+        # outgrow a pool of 24 blocks of 32 tokens (the least that holds max_model_len), so some are preempted
+        spec["prompts"] = [list(p) for p in prompts()[1:4]] * 3
+        spec["max_tokens"] = 96
+        spec["engine"].update(max_model_len=704, block_size=32, additional_config={"chunkkv": CONFIG_B})
+        if name == "P_preempt":
+            spec["engine"]["num_gpu_blocks_override"] = PREEMPT_BLOCKS
+            spec["abort"] = {"prompt": 2, "after_steps": 3}
     else:
         raise KeyError(name)
     return run_engine(spec)
 
 
-PREEMPT_BLOCKS = 48
+PREEMPT_BLOCKS = 24
 
 
 @functools.lru_cache(maxsize=None)

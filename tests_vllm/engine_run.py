@@ -49,7 +49,7 @@ def main(spec_path: str, out_path: str) -> None:
             max_running = max(max_running, len(scheduler.running))
             dropped_seen.update(getattr(scheduler, "chunkkv_dropped", {}))
         if abort and steps == abort["after_steps"]:
-            engine.abort_request([ids[abort["prompt"]]])
+            engine.abort_request([f"r{abort['prompt']}"])  # the external id
     result["outputs"] = [outputs.get(ids[i], outputs.get(f"r{i}")) for i in range(len(spec["prompts"]))]
     if scheduler is not None:
         result["free_blocks_end"] = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()

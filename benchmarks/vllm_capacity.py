@@ -126,7 +126,17 @@ def write_report(results: dict, output: Path) -> None:
                   "and moving kept tokens took inside the steps that compressed a prompt. Those steps (the prefills) took "
                   f"{results['chunkkv']['compressing_steps_s']} of the chunkkv run's {results['chunkkv']['total_s']} s: "
                   f"with {cfg['max_tokens']} output tokens per request prefill dominates, so output tokens/s grows "
-                  "less than the number of requests running at once.", f"<!-- END {SECTION} -->"]
+                  "less than the number of requests running at once."]
+    longer = ROOT / "benchmarks" / "results" / "vllm_long_output.json"
+    if longer.exists():  # the same workload with longer outputs (--max-tokens 256 --out that file)
+        other = json.loads(longer.read_text())
+        lf, lc = other["full"], other["chunkkv"]
+        lines += ["", f"Same workload with {other['config']['max_tokens']} output tokens per request "
+                      f"(`benchmarks/results/{longer.name}`): full {lf['max_running_requests']} at once, "
+                      f"{lf['output_tok_per_s']} tok/s; chunkkv {lc['max_running_requests']} at once, "
+                      f"{lc['output_tok_per_s']} tok/s ({other['ratios']['output_tok_per_s']}x), chunkkv's share of "
+                      f"the compressing steps {100 * lc['chunkkv_share_of_prefill']:.1f}%."]
+    lines.append(f"<!-- END {SECTION} -->")
     section = "\n".join(lines)
     text = output.read_text(encoding="utf-8") if output.exists() else ""
     begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"

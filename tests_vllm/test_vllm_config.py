@@ -7,7 +7,7 @@ import torch
 
 import chunkkv
 from chunkkv.vllm.config import ChunkKVConfigError, parse
-from chunkkv.vllm.selection import pick_chunks, select_positions
+from chunkkv.vllm.selection import select_positions
 from conftest import smollm2
 
 
@@ -42,15 +42,16 @@ def test_kept_tokens_follow_chunkkv_patch(options):
     from chunkkv.patching import PatchConfig
 
     cfg = parse({"chunkkv": options})
-    patch = PatchConfig(budget=options.get("budget"), keep_ratio=options.get("keep_ratio"), window=options["window"])
+    patch = PatchConfig.create(budget=options.get("budget"), keep_ratio=options.get("keep_ratio"),
+                               window=options["window"])
     for length in (1, 7, 16, 31, 32, 33, 99, 100, 101, 1000, 4000):
-        budget = patch.budget_for(length)
+        budget = patch.row_budget(length, min(patch.window, length))
         assert cfg.kept_tokens(length) == (budget if length > budget else None)
 
 
 # -- selection from given scores (the tensor-parallel path) -------------------------------------------------
 @pytest.mark.parametrize("seed", range(12))
-def test_pick_chunks_equals_the_core_select(seed):
+def test_summed_scores_select_what_the_core_selects(seed):
     rng = np.random.default_rng(seed)
     heads_kv, group = int(rng.integers(1, 4)), int(rng.integers(1, 3))
     length, window = int(rng.integers(40, 400)), int(rng.integers(1, 33))
@@ -63,7 +64,7 @@ def test_pick_chunks_equals_the_core_select(seed):
     summed = scores[0].clone()
     for h in range(1, heads_kv):
         summed += scores[h]
-    got = pick_chunks(summed.numpy(), length, window, min(budget, length), chunk)
+    got = chunkkv.select_from_scores(summed[None], length=length, budget=min(budget, length), chunk_size=chunk)[0]
     assert got.tolist() == want.tolist()
 
 

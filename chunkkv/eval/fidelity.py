@@ -39,6 +39,7 @@ import torch
 
 from . import harness as C
 from . import metrics as M
+import chunkkv
 from chunkkv.cache import layer_positions
 from chunkkv.patching import window_queries
 
@@ -143,7 +144,7 @@ def teacher_forced(engine: C.Engine, capture: Capture, job: C.Job, teacher: list
     agree = int(int(logits.argmax()) == teacher[0])
     with C.patch_context(model, job.spec, job.budget):
         for i, tok in enumerate(teacher[:-1]):
-            out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[tok]]), **{chunkkv.cache_kwarg(model): cache}, use_cache=True)
             agree += int(int(out.logits[0, -1].argmax()) == teacher[i + 1])
     return prompt_kv, positions, capture.outs, capture.weights, agree
 

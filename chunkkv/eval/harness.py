@@ -514,7 +514,7 @@ class Engine:
 
     def _forward(self, ids: Sequence[int], cache, logits_to_keep: int = 1):
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
-        return self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
+        return self.model(input_ids=x, **{chunkkv.cache_kwarg(self.model): cache}, use_cache=True, logits_to_keep=logits_to_keep)
 
     def _plain_layers(self, cache) -> bool:
         from transformers.cache_utils import DynamicLayer
@@ -603,7 +603,7 @@ class Engine:
         with patch_context(self.model, item.job.spec, item.job.budget):
             while not item.done:
                 x = torch.tensor([[item.tokens[-1]]], dtype=torch.long, device=self.model.device)
-                out = self.model(input_ids=x, cache=item.cache, use_cache=True)
+                out = self.model(input_ids=x, **{chunkkv.cache_kwarg(self.model): item.cache}, use_cache=True)
                 self.stats["decode_steps"] += 1
                 self.stats["decode_rows"] += 1
                 self._finish(item, int(out.logits[0, -1].argmax()))
@@ -682,7 +682,7 @@ class Engine:
             while rows:
                 x = torch.tensor([[it.tokens[-1]] for it in rows], dtype=torch.long, device=dev)
                 state["masks"] = {}
-                out = self.model(input_ids=x, cache=cache, use_cache=True, position_ids=pos[:, None].to(dev))
+                out = self.model(input_ids=x, **{chunkkv.cache_kwarg(self.model): cache}, use_cache=True, position_ids=pos[:, None].to(dev))
                 self.stats["decode_steps"] += 1
                 self.stats["decode_rows"] += len(rows)
                 nxt = out.logits[:, -1].argmax(-1).tolist()

@@ -180,7 +180,7 @@ def e2e(lengths, new_tokens: int, ratio: float, kvpress_python: Path | None = No
         try:
             with torch.no_grad():
                 t0 = time.perf_counter()
-                logits = model(ids, cache=cache, use_cache=True).logits[:, -1]
+                logits = model(ids, **{chunkkv.cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
                 prefill = time.perf_counter() - t0
                 for h in hooks:  # decode is timed without them; the finally below covers an error
                     h.remove()
@@ -190,7 +190,7 @@ def e2e(lengths, new_tokens: int, ratio: float, kvpress_python: Path | None = No
                     tokn = logits.argmax(-1, keepdim=True)
                     t0 = time.perf_counter()
                     for _ in range(new_tokens):
-                        tokn = model(tokn, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                        tokn = model(tokn, **{chunkkv.cache_kwarg(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                     decode_s = time.perf_counter() - t0
         finally:
             for h in hooks:

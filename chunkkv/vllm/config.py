@@ -1,7 +1,6 @@
 """The ``chunkkv`` entry of vLLM's ``additional_config``: parsed and checked once, at engine start."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -53,10 +52,7 @@ class ChunkKVConfig:
         The same rule as ``chunkkv.patch``: ``budget``, or ``ceil(keep_ratio * L)`` but never below the
         window; a prompt no longer than that is kept whole.
         """
-        if self.budget is not None:
-            kept = self.budget
-        else:
-            kept = max(int(math.ceil(self.keep_ratio * prompt_len)), min(self.window, prompt_len))
+        kept = _methods.kept_budget(self.budget, self.keep_ratio, self.window, prompt_len)
         return kept if prompt_len > kept else None
 
     def window_for(self, prompt_len: int, kept: int) -> int:

@@ -2,52 +2,18 @@
 
 One process: ``chunkkv.select`` in the C core, the same call ``chunkkv.patch`` makes. Tensor parallel: each
 rank holds some KV heads, so the per-head token scores (``chunkkv.score``, C core) are gathered from every
-rank in head order, summed over heads exactly as the core sums them, and :func:`pick_chunks` walks the chunks.
+rank in head order, summed over heads exactly as the core sums them, and ``chunkkv.select_from_scores`` (C core)
+walks the chunks.
 Every rank then keeps the positions a single process would keep.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from .. import ops
 from .config import ChunkKVConfig
-
-
-def pick_chunks(token_scores: np.ndarray, length: int, window: int, budget: int, chunk_size: int) -> np.ndarray:
-    """ChunkKV's chunk walk over given token scores: sorted int64 positions, ``budget`` of them.
-
-    ``token_scores`` holds the ``P = length - window`` prefix scores (already summed over heads). As in the
-    C core: chunks ``[m*c, min((m+1)*c, P))`` are ranked by their float64 sums (ties: lower chunk), taken
-    while they fit in ``budget - window``; the first that does not fit gives its best tokens (ties: lower
-    position) to fill the budget exactly; the window is always kept.
-    """
-    prefix = length - window
-    if budget >= length:
-        return np.arange(length, dtype=np.int64)
-    if len(token_scores) != prefix:
-        raise ValueError(f"chunkkv: token_scores: expected {prefix} scores, got {len(token_scores)}")
-    c = min(chunk_size, prefix)
-    n_chunks = -(-prefix // c)
-    padded = np.zeros(n_chunks * c)
-    padded[:prefix] = token_scores
-    sums = np.cumsum(padded.reshape(n_chunks, c), axis=1)[:, -1]  # left-to-right float64 sums
-    keep = list(range(prefix, length))
-    left = budget - window
-    for m in np.lexsort((np.arange(n_chunks), -sums)):
-        if left <= 0:
-            break
-        lo, hi = int(m) * c, min(int(m) * c + c, prefix)
-        if hi - lo <= left:
-            keep.extend(range(lo, hi))
-            left -= hi - lo
-        else:
-            part = np.asarray(token_scores[lo:hi], dtype=np.float64)
-            keep.extend(lo + int(t) for t in np.lexsort((np.arange(hi - lo), -part))[:left])
-            break
-    return np.array(sorted(keep), dtype=np.int64)
 
 
 def select_positions(config: ChunkKVConfig, queries: torch.Tensor, keys: torch.Tensor, kept: int, scale: float,
@@ -73,4 +39,4 @@ def select_positions(config: ChunkKVConfig, queries: torch.Tensor, keys: torch.T
     summed = per_head[0].clone()
     for h in range(1, per_head.shape[0]):           # head by head in float32, as the core sums them
         summed += per_head[h]
-    return torch.from_numpy(pick_chunks(summed.numpy(), length, window, kept, config.chunk_size))
+    return ops.select_from_scores(summed[None], length=length, budget=kept, chunk_size=config.chunk_size)[0]

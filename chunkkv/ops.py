@@ -20,17 +20,11 @@ from . import _C
 
 Tensor = Any  # a numpy.ndarray, a torch.Tensor, or anything with __dlpack__
 
-#: name -> (C enum value, one-line description). Methods are appended, never renumbered.
-_CORE_METHODS = {
-    "chunkkv": (0, "ChunkKV (paper): whole chunks of c tokens ranked by window attention, exact budget."),
-    "snapkv": (1, "SnapKV: per-token top-k of pooled window attention, plus the window."),
-    "streamingllm": (2, "StreamingLLM: the first n_sink tokens and the most recent ones."),
-    "random": (3, "Random prefix tokens plus the window: a floor for comparisons."),
-    "h2o": (4, "H2O heavy hitters: column sums of the full causal attention of every prompt query, plus recent tokens."),
-    "chunkkv-kvpress": (5, "kvpress's ChunkKVPress(SnapKVPress()): chunk means over all tokens, whole chunks only."),
-    # PyramidKV differs from SnapKV only in its per-layer budgets (chunkkv.patch): one call selects as SnapKV
-    "pyramidkv": (1, "PyramidKV: SnapKV selection; chunkkv.patch gives each layer its own budget."),
-}
+#: chunkkv.select's method name -> the C core's ckv_method value (appended, never renumbered). What each method
+#: does is described once, in the registry (chunkkv.compressors, chunkkv.methods()); pyramidkv selects as snapkv
+#: (its per-layer budgets are chunkkv.patch's business).
+_CORE_METHODS = {"chunkkv": 0, "snapkv": 1, "streamingllm": 2, "random": 3, "h2o": 4, "chunkkv-kvpress": 5,
+                 "pyramidkv": 1}
 
 _INT64_MAX = 2**63 - 1
 
@@ -246,7 +240,7 @@ def select(queries: Tensor, keys: Tensor, *, budget: int, chunk_size: int = 10, 
     elif isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)):
         raise TypeError(f"keep_fraction: expected a float, got {type(keep_fraction).__name__}")
     window = qs[2] if window is None else _int_arg(window, "window")
-    code = _CORE_METHODS[method][0]
+    code = _CORE_METHODS[method]
     n = max(0, int(_C.select_count(code, budget, max(chunk_size, 1), float(keep_fraction), L)))
     shape = (ks[0], ks[1], n) if per_head else (ks[0], n)
     out = _empty_like_kind(keys, shape, "int64")
@@ -300,7 +294,7 @@ def select_from_scores(scores: Tensor, *, length: int, budget: int, chunk_size: 
     out = _empty_like_kind(scores, shape[:-1] + (n,), "int64")
     scores = _contiguous(scores)
     _C.select_from_scores(_export(scores, "scores"), _export(out, "indices"), length,
-                          method=_CORE_METHODS[method][0], budget=budget, chunk_size=_int_arg(chunk_size, "chunk_size"),
+                          method=_CORE_METHODS[method], budget=budget, chunk_size=_int_arg(chunk_size, "chunk_size"),
                           per_head=len(shape) == 3, pool_kernel=_int_arg(pool_kernel, "pool_kernel"),
                           pool_max=pool == "max", stream=_stream_of(scores) or 0,
                           row_starts=_row_starts_arg(row_starts))

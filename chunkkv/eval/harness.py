@@ -352,18 +352,45 @@ def encode_prompt(tokenizer, user: str, *, answer_prefix: str = "", chat: bool =
     return list(tokenizer(text).input_ids)
 
 
+#: texts of the end-of-text / end-of-turn markers of common chat models; one counts only where the tokenizer
+#: declares it a special token (in Qwen2's vocabulary "</s>" is an ordinary BPE token and must not stop)
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>",
+               "<|end|>", "</s>")
+
+
+def _special_token_ids(tokenizer) -> dict[int, str]:
+    """id -> text of every token the tokenizer itself declares special (never decided from a token's text)."""
+    special: dict[int, str] = {}
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special[int(i)] = str(getattr(added, "content", added))
+    ids = getattr(tokenizer, "all_special_ids", None) or []
+    texts = getattr(tokenizer, "all_special_tokens", None) or []
+    if len(ids) == len(texts):
+        for i, t in zip(ids, texts):
+            special.setdefault(int(i), str(t))
+    return special
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [int(value)]
+    if isinstance(value, (list, tuple, set)):
+        return [int(v) for v in value]
+    raise TypeError(f"chunkkv.eval: eos_token_id must be an int or a list of ints, got {value!r}")
+
+
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids: the tokenizer's, the generation config's and common end-of-turn tokens."""
-    ids: set[int] = set()
-    for v in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
-        if tok in vocab:
-            ids.add(vocab[tok])
+    """Ids that end a generation: ``tokenizer.eos_token_id``, ``model.generation_config.eos_token_id`` (an
+    int or a list) and the tokenizer's *special* tokens that mark an end of text or turn (:data:`END_MARKERS`).
+    A token is never a stop because of its text alone: an ordinary vocabulary entry spelled "</s>" does not
+    stop (it did before, and cut Qwen2's answers short)."""
+    ids = set(_as_ids(getattr(tokenizer, "eos_token_id", None)))
+    config = getattr(model, "generation_config", None)
+    ids.update(_as_ids(getattr(config, "eos_token_id", None)))
+    ids.update(i for i, text in _special_token_ids(tokenizer).items() if text in END_MARKERS)
     return ids
 
 

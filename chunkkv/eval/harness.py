@@ -400,18 +400,21 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 class ResultStore:
     """A JSON file ``{"script", "config", "results": {key: entry}, "runtime_s"}``, saved atomically after
     every batch of results; a rerun loads it and skips the keys it holds. The config fields that change
-    what a key means (the model, ...) must match, else the store refuses (use another --out)."""
+    what a key means (the model, ...) must match, else the store refuses (use another --out); old_defaults gives
+    the value a strict field had in files written before it was recorded."""
 
-    def __init__(self, path: str | os.PathLike, script: str, config: dict, strict: Sequence[str] = ("model",)):
+    def __init__(self, path: str | os.PathLike, script: str, config: dict, strict: Sequence[str] = ("model",),
+                 old_defaults: Optional[dict] = None):
         self.path = Path(path)
         self.data: dict[str, Any] = {"script": script, "config": config, "results": {}, "runtime_s": 0.0}
         if self.path.exists():
             old = json.loads(self.path.read_text(encoding="utf-8"))
             if old.get("script") != script:
                 raise SystemExit(f"{self.path} holds results of {old.get('script')!r}, not {script!r}; use another --out")
+            old_config = {**(old_defaults or {}), **old.get("config", {})}
             for key in strict:
-                if key in config and old.get("config", {}).get(key) != config[key]:
-                    raise SystemExit(f"{self.path} was made with {key}={old['config'].get(key)!r}, not "
+                if key in config and old_config.get(key) != config[key]:
+                    raise SystemExit(f"{self.path} was made with {key}={old_config.get(key)!r}, not "
                                      f"{config[key]!r}; use another --out")
             self.data["results"] = old.get("results", {})
             self.data["runtime_s"] = float(old.get("runtime_s", 0.0))

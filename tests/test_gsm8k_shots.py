@@ -2,7 +2,6 @@
 seeded random shots, and the results file's record of which shots were used."""
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re

@@ -8,9 +8,9 @@ answer ending in ``#### <number>``) is split in two: its last --heldout problems
 2022, "Chain-of-Thought Prompting Elicits Reasoning in Large Language Models" (the set lm-evaluation-harness's
 ``gsm8k-cot`` uses), in the paper's order; ``--shots-source random`` draws --shots (seeded) from the rest of
 the train file instead (any number: many-shot). The results file records the source and the shot questions
-(config ``shots_source`` and ``shot_questions``). A shot is "Question: ...\\nAnswer: <reasoning> The answer is <n>." (the
-calculator annotations <<...>> removed); the prompt is the shots followed by the question, in the chat
-template when the tokenizer has one. Greedy decoding stops at the next "Question:"; the prediction is the
+(config ``shots_source`` and ``shot_questions``). A shot is "Question: ...\\nAnswer: <reasoning> The answer
+is <n>." (the calculator annotations <<...>> removed); the prompt is the shots followed by the question, in
+the chat template when the tokenizer has one. Greedy decoding stops at the next "Question:"; the prediction is the
 last number of the answer; the score is accuracy (x100).
 
     chunkkv-eval gsm8k --train train.jsonl --shots 8 --limit 100 --budgets 0.1

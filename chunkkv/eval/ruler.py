@@ -217,18 +217,28 @@ def main_data(args: argparse.Namespace) -> int:
                       f"exceed the model window ({window})", file=sys.stderr)
             jobs = [C.Job(key, ids, spec, b, max_new) for key, _, spec, b in runs]
             outs = engine.run(jobs, desc=f"{task}/{row['index']}")
-            for job in jobs:
-                out = outs[job.key]
-                store.put(job.key, C.base_entry(job, out) | {
-                    "task": task, "length": int(row.get("length", 0)), "index": row["index"],
-                    "expected": row["outputs"], "metric": metric,
-                    "score": score_prediction(task, out.text, row["outputs"])})
-            store.save()
-            bar.update(len(jobs))
+            _store_outputs(store, bar, jobs, outs, lambda out: {
+                "task": task, "length": int(row.get("length", 0)), "index": row["index"],
+                "expected": row["outputs"], "metric": metric,
+                "score": score_prediction(task, out.text, row["outputs"])})
         bar.close()
+    return _finish(store, f"RULER data ({args.model})")
+
+
+def _store_outputs(store, bar, jobs, outs, fields) -> None:
+    """Record each job's output with the task's fields (fields(out) -> dict), save, advance the bar."""
+    for job in jobs:
+        out = outs[job.key]
+        store.put(job.key, C.base_entry(job, out) | fields(out))
     store.save()
-    for title, headers, rows in summarize(store.results):
-        print(f"\nRULER data ({args.model}), {title}:")
+    bar.update(len(jobs))
+
+
+def _finish(store, title: str) -> int:
+    """Save the results and print their summary tables."""
+    store.save()
+    for table, headers, rows in summarize(store.results):
+        print(f"\n{title}, {table}:")
         print(C.format_table(headers, rows))
     return 0
 
@@ -274,19 +284,11 @@ def main(argv=None) -> int:
             ids, expected = make_sample(task, L, i, args.seed, hay_essays, hay_noise, tok, chat, target)
             jobs = [C.Job(key, ids, spec, b, MAX_NEW[task], stop=("\n",)) for key, spec, b in runs]
             outs = engine.run(jobs, desc=f"{task}/{L}/{i}")
-            for job in jobs:
-                out = outs[job.key]
-                store.put(job.key, C.base_entry(job, out) | {
-                    "task": task, "length": L, "index": i, "expected": expected,
-                    "score": M.string_match_all(out.text, expected)})
-            store.save()
-            bar.update(len(jobs))
+            _store_outputs(store, bar, jobs, outs, lambda out: {
+                "task": task, "length": L, "index": i, "expected": expected,
+                "score": M.string_match_all(out.text, expected)})
         bar.close()
-    store.save()
-    for title, headers, rows in summarize(store.results):
-        print(f"\nRULER ({args.model}), {title}:")
-        print(C.format_table(headers, rows))
-    return 0
+    return _finish(store, f"RULER ({args.model})")
 
 
 if __name__ == "__main__":

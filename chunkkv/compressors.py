@@ -47,6 +47,7 @@ class Method:
     takes_row_starts: bool = True       # can select inside left-padded rows
     takes_per_head: bool = True         # can select per KV head
     scores_rule: str = "chunkkv"        # the select_from_scores rule that picks from token_scores()
+    reads_scores: bool = True           # False: positions do not depend on attention (the same on every rank)
     options: dict = field(default_factory=dict)   # method options (patch keyword arguments) and their defaults
 
     #: option names every method takes
@@ -136,9 +137,9 @@ for _m in [
     H2O("h2o", "H2O: heavy hitters by the attention every prompt query pays each key, plus recent tokens.",
         core="h2o", per_head=True, all_queries=True),
     Method("streamingllm", "StreamingLLM: the first n_sink tokens and the most recent ones.", core="streamingllm",
-           options={"n_sink": 4}),
+           reads_scores=False, options={"n_sink": 4}),
     Method("random", "Random prefix tokens plus the window: a floor for comparisons.", core="random",
-           options={"seed": 0}),
+           reads_scores=False, options={"seed": 0}),
 ]:
     register(_m)
 

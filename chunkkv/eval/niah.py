@@ -64,8 +64,9 @@ def cells(args) -> list[tuple[int, int]]:
     return grid[: args.limit] if args.limit else grid
 
 
-def heatmaps(results: dict, folder: Path) -> list[Path]:
-    """One PNG per (method, budget): depth (rows) x context length (columns), score 0-100."""
+def heatmaps(results: dict, folder: Path, model: str) -> list[Path]:
+    """One PNG per (method, budget), ``niah_<model>_<method>_<budget>.png`` (the model in the name so runs of two
+    models can share a folder): depth (rows) x context length (columns), score 0-100."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,11 +90,11 @@ def heatmaps(results: dict, folder: Path) -> list[Path]:
             for j, v in enumerate(row):
                 if v == v:
                     ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
-        title = f"NIAH {method}" + ("" if budget == C.NO_BUDGET else f" @ {budget}")
+        title = f"NIAH {model}: {method}" + ("" if budget == C.NO_BUDGET else f" @ {budget}")
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.05)
         fig.tight_layout()
-        name = C.safe_name(method) if budget == C.NO_BUDGET else C.safe_name(method, budget)
+        name = C.safe_name(model, method) if budget == C.NO_BUDGET else C.safe_name(model, method, budget)
         path = folder / f"niah_{name}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         bar.close()
     store.save()
     results = store.results
-    paths = heatmaps(results, C.plots_dir(args.out))
+    paths = heatmaps(results, C.plots_dir(args.out), args.model)
     for title, headers, rows in summarize(results):
         print(f"\nNIAH ({args.model}), {title}:")
         print(C.format_table(headers, rows))

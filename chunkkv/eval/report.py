@@ -71,13 +71,31 @@ def _config_line(path: Path, data: dict, root: Path) -> str:
     return f"- `{rel}`: {len(data['results'])} entries{rt}; " + "; ".join(f"`{p}`" for p in parts)
 
 
+def _model_of(data: dict) -> str:
+    return str(data.get("config", {}).get("model") or "smollm2")  # files older than the model field: SmolLM2
+
+
 def section(script: str, files: list[tuple[Path, dict]], root: Path, output: Path, plots_dir: Path) -> str:
+    """The section of one script: its description, then one part per model (files of one model are merged;
+    results of two models never are, since their keys name the same examples)."""
     module = importlib.import_module(f"chunkkv.eval.{script}")
+    by_model: dict[str, list[tuple[Path, dict]]] = {}
+    for path, data in files:
+        by_model.setdefault(_model_of(data), []).append((path, data))
+    lines = [f"## {SCRIPTS[script]}", "", (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "), ""]
+    for model in sorted(by_model):
+        if len(by_model) > 1:
+            lines += [f"### {model}", ""]
+        lines += _model_part(script, module, model, by_model[model], root, output, plots_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _model_part(script: str, module, model: str, files: list[tuple[Path, dict]], root: Path, output: Path,
+                plots_dir: Path) -> list[str]:
     results: dict = {}
     for _, data in files:
         results.update(data["results"])
-    lines = [f"## {SCRIPTS[script]}", "", (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "), ""]
-    lines.append("Source files:")
+    lines = ["Source files:"]
     lines += [_config_line(p, d, root) for p, d in files]
     lines.append("")
     for title, headers, rows in module.summarize(results):
@@ -95,7 +113,9 @@ def section(script: str, files: list[tuple[Path, dict]], root: Path, output: Pat
         lines.append("")
         lines.append(C.format_table(paired.HEADERS, rows, floatfmt="{:+.1f}"))
         lines.append("")
-    plots = sorted(plots_dir.glob(f"{script}_*.png"))
+    # plots name their model (niah_<model>_...); fidelity's predate that and belong to the default model
+    prefix = f"{script}_{C.safe_name(model)}_" if script == "niah" else f"{script}_"
+    plots = sorted(plots_dir.glob(f"{prefix}*.png")) if (script == "niah" or model == "smollm2") else []
     if plots:
         lines.append("Plots: " + ", ".join(
             f"[{p.stem}]({_rel(p, output.parent)})" for p in plots))
@@ -103,7 +123,7 @@ def section(script: str, files: list[tuple[Path, dict]], root: Path, output: Pat
         if script == "fidelity":
             lines += [f"![{p.stem}]({_rel(p, output.parent)})" for p in plots]
             lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def speed_section(data: dict) -> str:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "niah": "needle in a haystack: a sentence hidden at several depths of several context lengths",
     "ruler": "RULER-style synthetic tasks: pass key, single/multi-key NIAH, variable tracking",
-    "longbench": "LongBench (v1) tasks from their .jsonl files, with each task's template and metric",
+    "longbench": "LongBench (v1) and LongBench-E: the 21 tasks with LongBench's prompts and metrics",
     "gsm8k": "GSM8K with k-shot chain-of-thought prompts, scored by the final number",
     "fidelity": "how close compressed-cache outputs stay to the full cache (logits, attention outputs)",
     "speed": "kernel and end-to-end timings (select + gather, prefill, decode, KV memory)",

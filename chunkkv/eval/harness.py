@@ -974,5 +974,15 @@ def plots_dir(out: str | os.PathLike) -> Path:
     return Path(out).resolve().parent / "plots"
 
 
+def model_label(spec: str) -> str:
+    """A short name of a --model spec for file names: the spec itself (``qwen2.5-coder-0.5b``), or the last
+    part of a path without its ``.gguf`` suffix (``.../models/stories260K`` -> ``stories260K``)."""
+    text = str(spec).rstrip("/\\")
+    if "/" not in text and "\\" not in text:
+        return text
+    name = Path(text).name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
 def safe_name(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", p).strip("-") for p in parts)

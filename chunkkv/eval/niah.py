@@ -66,7 +66,8 @@ def cells(args) -> list[tuple[int, int]]:
 
 def heatmaps(results: dict, folder: Path, model: str) -> list[Path]:
     """One PNG per (method, budget), ``niah_<model>_<method>_<budget>.png`` (the model in the name so runs of two
-    models can share a folder): depth (rows) x context length (columns), score 0-100."""
+    models can share a folder; a path names its last part): depth (rows) x context length (columns), score 0-100."""
+    model = C.model_label(model)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

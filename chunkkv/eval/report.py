@@ -114,7 +114,7 @@ def _model_part(script: str, module, model: str, files: list[tuple[Path, dict]],
         lines.append(C.format_table(paired.HEADERS, rows, floatfmt="{:+.1f}"))
         lines.append("")
     # plots name their model (niah_<model>_...); fidelity's predate that and belong to the default model
-    prefix = f"{script}_{C.safe_name(model)}_" if script == "niah" else f"{script}_"
+    prefix = f"{script}_{C.safe_name(C.model_label(model))}_" if script == "niah" else f"{script}_"
     plots = sorted(plots_dir.glob(f"{prefix}*.png")) if (script == "niah" or model == "smollm2") else []
     if plots:
         lines.append("Plots: " + ", ".join(

@@ -81,7 +81,8 @@ def heatmaps(results: dict, folder: Path, model: str) -> list[Path]:
         depths = sorted({d for d, _ in vals})
         lengths = sorted({L for _, L in vals})
         grid = [[vals.get((d, L), float("nan")) for L in lengths] for d in depths]
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.55 * len(depths)))
+        # wide enough for the title even with one context length
+        fig, ax = plt.subplots(figsize=(max(1.2 + 1.1 * len(lengths), 3.8), 1.0 + 0.55 * len(depths)))
         im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
         ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])

@@ -616,8 +616,9 @@ def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, Pre
         return load_smollm2(**kw)
     if text.lower() == "stories260k":
         return load_stories260k(_default_stories_folder(), **kw)
-    if text.lower().startswith("qwen2.5-coder-") and text.lower()[len("qwen2.5-coder-"):] in QWEN25_CODER_SIZES:
-        return load_qwen25_coder(size=text.lower()[len("qwen2.5-coder-"):], **kw)
+    size = text.lower().removeprefix("qwen2.5-coder-")
+    if size != text.lower() and size in QWEN25_CODER_SIZES:
+        return load_qwen25_coder(size=size, **kw)
     path = Path(text).expanduser()
     if (path.is_dir() and (path / STORIES260K_BIN).is_file()) or (path.is_file() and path.name == STORIES260K_BIN):
         return load_stories260k(path, **kw)

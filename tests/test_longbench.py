@@ -186,8 +186,9 @@ def test_score_post_processes_as_longbench():
 
 
 def test_entries_summary_and_rescoring():
-    hot = L.Example("hotpotqa", "hotpotqa", "1", record(answers=["Paris"], length=5000), False)
-    hot_e = L.Example("hotpotqa", "hotpotqa_e", "1", record(answers=["Paris"], length=5000), True)
+    hot = L.Example("hotpotqa", "1", record(answers=["Paris"], length=5000), False)
+    hot_e = L.Example("hotpotqa", "1", record(answers=["Paris"], length=5000), True)
+    assert (hot.dataset, hot_e.dataset) == ("hotpotqa", "hotpotqa_e")
     results = {}
     for ex, pred, method in ((hot, "Paris", "full"), (hot_e, "Paris", "full"), (hot_e, "Rome", "chunkkv")):
         key = C.make_key(ex.dataset, ex.id, method, "-" if method == "full" else "0.1")

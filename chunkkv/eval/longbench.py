@@ -190,14 +190,17 @@ def source_name(source: Path | str) -> str:
 
 @dataclass
 class Example:
-    """One record to run: its task, the name it is keyed and reported under (the task, + ``_e`` for
-    LongBench-E), its id and the record itself."""
+    """One record to run: its task, its id, the record itself and whether it is LongBench-E's."""
 
     task: str
-    dataset: str
     id: str
     record: dict
     longbench_e: bool
+
+    @property
+    def dataset(self) -> str:
+        """The name it is keyed and reported under: the task, + ``_e`` for LongBench-E."""
+        return self.task + "_e" if self.longbench_e else self.task
 
 
 def examples_of(source: Path | str, records: Sequence[dict]) -> list[Example]:
@@ -214,7 +217,7 @@ def examples_of(source: Path | str, records: Sequence[dict]) -> list[Example]:
         task, is_e = task_name(str(name), f"{source}: record {i}")
         is_e = is_e or source_e
         eid = str(record.get("_id") or i)
-        out.append(Example(task, task + "_e" if is_e else task, eid, record, is_e))
+        out.append(Example(task, eid, record, is_e))
     return out
 
 

@@ -40,7 +40,10 @@ if ! (cd "$WORK" && CHUNKKV_SANITIZE=1 CHUNKKV_CUDA=0 CC="$CC_BIN" "$PY" setup.p
     exit 1
 fi
 SO="$(ls "$WORK"/chunkkv/_C*.so)"
-if ! ldd "$SO" | grep -q libasan; then
+# ldd's output is read whole before grep: `ldd | grep -q` under pipefail fails when grep exits at its match while
+# ldd still writes (SIGPIPE, status 141), which read as "not linked" once on a loaded CI machine.
+needed="$(ldd "$SO")"
+if ! grep -q libasan <<<"$needed"; then
     echo "sanitize.sh: $SO is not linked with libasan: CHUNKKV_SANITIZE=1 had no effect" >&2
     exit 1
 fi

@@ -237,6 +237,25 @@ def test_report_keeps_models_apart(tmp_path):
     assert "niah_qwen2.5-coder-0.5b_full" in out[qwen:smol] and "niah_qwen2.5" not in out[smol:]
 
 
+def test_report_source_line_lists_the_grid_the_entries_hold(tmp_path):
+    """A file grown by resuming with another grid keeps the last command's config; its source line must list
+    every length, depth, method and budget its entries hold, not only the last command's."""
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    results = {}
+    for length, depth, method, budget in ((4096, 50, "full", "-"), (4096, 50, "snapkv", "0.1"),
+                                          (16384, 10, "chunkkv", "128"), (16384, 90, "full", "-")):
+        results[f"{method}|{budget}|{length}|{depth}"] = {"method": method, "budget": budget, "length": length,
+                                                          "depth": depth, "score": 1.0}
+    config = {"model": "m", "methods": "chunkkv", "budgets": "128", "lengths": "16384", "depths": "10,90"}
+    (results_dir / "niah.json").write_text(json.dumps({"script": "niah", "config": config, "results": results}))
+    md = tmp_path / "B.md"
+    assert report.main(["--results", str(results_dir), "--output", str(md)]) == 0
+    line = next(x for x in md.read_text().splitlines() if x.startswith("- `") and "niah.json`" in x)
+    assert "`lengths=4096,16384`" in line and "`depths=10,50,90`" in line, line
+    assert "`methods=full,snapkv,chunkkv`" in line and "`budgets=0.1,128`" in line, line
+
+
 def test_engine_matches_generate():
     """Prefix sharing + batched decoding give exactly model.generate's tokens under each patch."""
     import torch

